@@ -1,0 +1,3 @@
+"""aipbx-appliance: turns a Debian host into an aiPBX appliance."""
+
+__version__ = "0.1.0"

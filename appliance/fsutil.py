@@ -1,0 +1,100 @@
+"""Atomic file and symlink switches and the mutation lock. Files that must survive power loss
+are fsynced, then renamed over the old one, then the directory is fsynced."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from appliance.errors import LockedError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: Path,
+    data: str | bytes,
+    *,
+    mode: int = 0o644,
+    uid: int = -1,
+    gid: int = -1,
+) -> None:
+    """Write data to path via a temp file in the same directory, fsync, os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_if_changed(
+    path: Path, data: str, *, mode: int = 0o644, uid: int = -1, gid: int = -1
+) -> bool:
+    """atomic_write unless the content, mode and owner already match; True if it wrote."""
+    try:
+        st = path.stat()
+        same = (
+            path.read_text() == data
+            and (st.st_mode & 0o7777) == mode
+            and (uid == -1 or st.st_uid == uid)
+            and (gid == -1 or st.st_gid == gid)
+        )
+    except FileNotFoundError:
+        same = False
+    if same:
+        return False
+    atomic_write(path, data, mode=mode, uid=uid, gid=gid)
+    return True
+
+
+def atomic_symlink(target: str | Path, link: Path) -> None:
+    """Point link at target with symlink(tmp) + os.replace: never unlink-then-link."""
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock for a mutation; refuse at once if another holds it."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LockedError(
+                    f"another {what} is in progress (lock {lock_path} is held)",
+                    hint="wait for it to finish; `aipbxctl status` shows what runs",
+                ) from e
+            raise
+        yield
+    finally:
+        os.close(fd)
