@@ -1,0 +1,65 @@
+# aipbx-appliance — run as root on Debian 12. Every target installs what it needs.
+SHELL := /bin/bash
+PY := /usr/bin/python3
+VENV := build/venv
+VPY := $(VENV)/bin/python
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DEB := build/aipbx-appliance_$(VERSION)_all.deb
+
+.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench clean
+
+help:
+	@echo "make demo   build the .deb, boot Debian 12 under systemd-nspawn, install, set up"
+	@echo "make test   ruff, mypy, unit, integration and system tests"
+	@echo "make deb    build $(DEB)"
+
+prereqs: build/.prereqs
+build/.prereqs: packaging/host-packages.txt
+	mkdir -p build
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	  $$(grep -v '^#' packaging/host-packages.txt)
+	touch $@
+
+venv: $(VENV)/.done
+$(VENV)/.done: build/.prereqs packaging/dev-requirements.txt
+	$(PY) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q -r packaging/dev-requirements.txt
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check appliance tests bench
+	$(VENV)/bin/ruff format --check appliance tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+PYTEST = $(VPY) -m pytest -p no:cacheprovider -q
+
+unit: venv
+	$(PYTEST) tests/unit
+
+integration: venv
+	$(PYTEST) tests/integration
+
+system: venv deb
+	AIPBX_DEB=$(CURDIR)/$(DEB) $(PYTEST) -x tests/system
+
+test: lint typecheck unit integration system
+
+deb: $(DEB)
+$(DEB): build/.prereqs $(shell git ls-files appliance bin units nginx packaging man pyproject.toml 2>/dev/null)
+	bash packaging/build-deb.sh
+
+lintian: deb
+	bash packaging/lintian.sh $(DEB)
+
+piuparts: deb
+	bash packaging/piuparts.sh $(DEB)
+
+demo: venv deb
+	AIPBX_DEB=$(CURDIR)/$(DEB) $(VPY) -m bench.demo
+
+clean:
+	rm -rf build/src build/*.deb build/venv
