@@ -16,8 +16,8 @@ help:
 prereqs: build/.prereqs
 build/.prereqs: packaging/host-packages.txt
 	mkdir -p build
-	apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	apt-get update -q -o DPkg::Lock::Timeout=600
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 \
 	  $$(grep -v '^#' packaging/host-packages.txt)
 	touch $@
 

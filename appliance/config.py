@@ -72,6 +72,8 @@ class Database:
     pool_size: int = 20
     max_client_conn: int = 500
     pgbouncer_port: int = field(default=6432, metadata=_check(v.port))
+    # transaction pooling lets many clients share pool_size server connections
+    pool_mode: str = field(default="transaction", metadata=_check(v.pool_mode))
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,13 @@ class Upgrade:
 
 @dataclass(frozen=True)
 class Config:
-    site: Site = Site()
-    nginx: Nginx = Nginx()
-    backend: Backend = Backend()
-    network: Network = Network()
-    database: Database = Database()
-    releases: Releases = Releases()
-    upgrade: Upgrade = Upgrade()
+    site: Site = field(default_factory=Site)
+    nginx: Nginx = field(default_factory=Nginx)
+    backend: Backend = field(default_factory=Backend)
+    network: Network = field(default_factory=Network)
+    database: Database = field(default_factory=Database)
+    releases: Releases = field(default_factory=Releases)
+    upgrade: Upgrade = field(default_factory=Upgrade)
 
 
 _POSITIVE = {("database", "pool_size"), ("database", "max_client_conn"), ("releases", "keep")}

@@ -104,3 +104,9 @@ def identifier(v: str) -> str:
     if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", v):
         raise ValueError(f"{v!r} must be lower-case letters, digits and _ (max 63)")
     return v
+
+
+def pool_mode(v: str) -> str:
+    if v not in ("session", "transaction", "statement"):
+        raise ValueError(f"{v!r} is not a PgBouncer pool mode (session, transaction, statement)")
+    return v

@@ -1,0 +1,103 @@
+"""aipbxctl's entry point: parse, dispatch to an action, turn errors into exit codes with
+one line and a hint, never a traceback for an expected failure."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from appliance import __version__
+from appliance import config as config_mod
+from appliance import log as logmod
+from appliance.actions import doctor, logs, setup, status
+from appliance.cli import parser
+from appliance.errors import AipbxError, ExitCode, UsageError
+from appliance.paths import Paths
+from appliance.services import SystemdServices
+
+log = logging.getLogger("aipbx.cli")
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _dispatch(args: object, paths: Paths) -> int:
+    a = args.__dict__
+    cmd = a["command"]
+    services = SystemdServices()
+    if cmd == "setup":
+        report = setup.setup(
+            paths,
+            services,
+            domain=a["domain"],
+            email=a["email"],
+            public_ip=a["public_ip"],
+            version=__version__,
+        )
+        if a["json"]:
+            _print_json({"changed": bool(report.changes), "changes": report.changes})
+        elif report.changes:
+            print("\n".join(f"changed: {c}" for c in report.changes))
+        else:
+            print("setup: nothing to change, the appliance is already set up")
+        return ExitCode.OK
+    if cmd == "install-defaults":
+        report = setup.install_defaults(paths, services)
+        print("\n".join(report.changes) or "install-defaults: nothing to change")
+        return ExitCode.OK
+    if cmd == "config":
+        target = Path(a["file"]) if a["file"] else paths.config
+        config_mod.load(target)
+        print(f"{target}: ok")
+        return ExitCode.OK
+    if cmd == "status":
+        data = status.collect(paths, services)
+        _print_json(data) if a["json"] else print(status.format_text(data))
+        return ExitCode.OK
+    if cmd == "logs":
+        argv = logs.journalctl_argv(a["service"], a["follow"], a["lines"])
+        os.execvp(argv[0], argv)
+    if cmd == "doctor":
+        findings = doctor.diagnose(paths, services)
+        if a["json"]:
+            _print_json({"ok": not findings, "findings": [asdict(f) for f in findings]})
+        elif not findings:
+            print("doctor: no problems found")
+        else:
+            for f in findings:
+                print(f"{f.severity}: {f.check}: {f.message}\n  hint: {f.hint}")
+        return ExitCode.UNHEALTHY if findings else ExitCode.OK
+    raise AipbxError(f"unknown command {cmd}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logmod.setup(verbose=args.verbose)
+    paths = Paths(Path(os.environ.get("AIPBX_ROOT", "/")))
+    try:
+        needs_root = args.command in ("setup", "install-defaults")
+        if needs_root and os.geteuid() != 0:
+            raise UsageError(
+                f"`aipbxctl {args.command}` must run as root", hint=f"sudo aipbxctl {args.command}"
+            )
+        return int(_dispatch(args, paths))
+    except AipbxError as e:
+        for line in e.message.splitlines():
+            print(f"aipbxctl: {line}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        log.debug("failed: %s", e.message, exc_info=args.verbose)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("aipbxctl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per verb: orchestration only; the deciding is done by pure modules."""

@@ -1,0 +1,179 @@
+"""`aipbxctl doctor`: what is wrong on this host, each with a hint. Checks are small
+functions returning findings; nothing here changes the host."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance import cert, nginx, state
+from appliance import config as config_mod
+from appliance.actions.status import CORE_UNITS
+from appliance.errors import AipbxError
+from appliance.paths import Paths
+from appliance.services import Services
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    severity: str  # error | warning
+    message: str
+    hint: str
+
+
+Check = Callable[[Paths, Services], list[Finding]]
+
+
+def check_config(paths: Paths, services: Services) -> list[Finding]:
+    try:
+        config_mod.load(paths.config)
+    except AipbxError as e:
+        return [
+            Finding(
+                "config",
+                "error",
+                e.message.splitlines()[0],
+                "run `aipbxctl config check` for every problem",
+            )
+        ]
+    return []
+
+
+def check_setup(paths: Paths, services: Services) -> list[Finding]:
+    if not paths.secrets.exists():
+        return [
+            Finding(
+                "setup",
+                "error",
+                "the appliance is not set up",
+                "run `aipbxctl setup [--domain D --email E]`",
+            )
+        ]
+    return []
+
+
+def check_units(paths: Paths, services: Services) -> list[Finding]:
+    out = []
+    for unit in CORE_UNITS:
+        s = services.state(unit)
+        if unit == "aipbx-pgbouncer.service" and not paths.secrets.exists():
+            continue
+        if s.active != "active":
+            out.append(
+                Finding(
+                    unit,
+                    "error",
+                    f"{unit} is {s.active}/{s.sub}",
+                    f"`journalctl -u {unit}` says why; `systemctl start {unit}`",
+                )
+            )
+    st = state.load(paths.state)
+    if st.live_color:
+        unit = f"aipbx-backend@{st.live_color}.service"
+        if not services.is_active(unit):
+            out.append(
+                Finding(
+                    unit,
+                    "error",
+                    f"the live color's backend {unit} is not running",
+                    f"`aipbxctl logs backend`; `systemctl start {unit}`",
+                )
+            )
+    debian = services.state("pgbouncer.service")
+    if debian.active == "active" and paths.secrets.exists():
+        out.append(
+            Finding(
+                "pgbouncer.service",
+                "warning",
+                "Debian's pgbouncer.service runs beside the appliance's own",
+                "`systemctl disable --now pgbouncer.service`",
+            )
+        )
+    return out
+
+
+def check_nginx(paths: Paths, services: Services) -> list[Finding]:
+    try:
+        nginx.nginx_test()
+    except AipbxError as e:
+        return [
+            Finding(
+                "nginx", "error", e.message, "fix the file nginx names, then " "`aipbxctl setup`"
+            )
+        ]
+    if paths.nginx_default_site.is_symlink():
+        return [
+            Finding(
+                "nginx",
+                "warning",
+                "nginx's default site is enabled and may answer " "instead of the appliance",
+                "run `aipbxctl setup`",
+            )
+        ]
+    return []
+
+
+def check_disk(paths: Paths, services: Services) -> list[Finding]:
+    out = []
+    for where in (paths.var, paths.opt, paths.backups):
+        if not where.exists():
+            continue
+        du = shutil.disk_usage(where)
+        free = du.free / du.total
+        if free < 0.10:
+            out.append(
+                Finding(
+                    "disk",
+                    "error" if free < 0.05 else "warning",
+                    f"{where}: {free:.0%} free ({du.free >> 20} MiB)",
+                    "remove old releases/backups or grow the disk",
+                )
+            )
+    return out
+
+
+def check_certificate(paths: Paths, services: Services) -> list[Finding]:
+    try:
+        cfg = config_mod.load(paths.config)
+    except AipbxError:
+        return []
+    tls = nginx.tls_files(cfg, paths)
+    if not tls.cert.exists():
+        return [
+            Finding(
+                "certificate",
+                "error",
+                f"{tls.cert} is missing",
+                "`aipbxctl install-defaults` makes a self-signed one",
+            )
+        ]
+    days = cert.info(tls.cert).days_left()
+    if days <= 14:
+        return [
+            Finding(
+                "certificate",
+                "error" if days <= 3 else "warning",
+                f"{tls.cert} expires in {days} days",
+                "`aipbxctl cert issue` or " "check certbot.timer",
+            )
+        ]
+    return []
+
+
+CHECKS: tuple[Check, ...] = (
+    check_config,
+    check_setup,
+    check_units,
+    check_nginx,
+    check_disk,
+    check_certificate,
+)
+
+
+def diagnose(paths: Paths, services: Services) -> list[Finding]:
+    findings: list[Finding] = []
+    for check in CHECKS:
+        findings.extend(check(paths, services))
+    return findings

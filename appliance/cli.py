@@ -1,0 +1,59 @@
+"""The argument parser of aipbxctl. Keep it, `aipbxctl --help`, man/aipbxctl.8 and the
+README in step."""
+
+from __future__ import annotations
+
+import argparse
+
+from appliance import __version__
+
+DESCRIPTION = """\
+Run and operate the aiPBX appliance: nginx, PostgreSQL, PgBouncer and the backend's
+blue/green releases under systemd.
+
+exit codes: 0 ok, 1 an operation failed, 2 bad input (arguments, aipbx.toml),
+3 another change holds the lock, 4 not set up yet, 5 doctor found problems"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aipbxctl",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"aipbxctl {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show each command run")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("setup", help="set up (or repair) the appliance; safe to run again")
+    s.add_argument("--domain", help="public DNS name (saved in aipbx.toml)")
+    s.add_argument("--email", help="ACME account email (saved in aipbx.toml)")
+    s.add_argument("--public-ip", help="address Asterisk reaches for RTP (saved in aipbx.toml)")
+    s.add_argument("--json", action="store_true", help="print what changed as JSON")
+
+    sub.add_parser(
+        "install-defaults",
+        help="what the package runs at install: self-signed certificate and the nginx site",
+    )
+
+    c = sub.add_parser("config", help="configuration")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    cc = csub.add_parser("check", help="validate /etc/aipbx/aipbx.toml (exit 2 if invalid)")
+    cc.add_argument("file", nargs="?", help="another file to check instead")
+
+    st = sub.add_parser("status", help="each service's state and the live color")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    lg = sub.add_parser("logs", help="the journal of the appliance's services")
+    lg.add_argument(
+        "service",
+        nargs="?",
+        default="all",
+        help="all (default), backend, watchdog, nginx, postgresql, pgbouncer, aipbxctl",
+    )
+    lg.add_argument("-f", "--follow", action="store_true", help="follow new entries")
+    lg.add_argument("-n", "--lines", type=int, help="show the last N entries")
+
+    d = sub.add_parser("doctor", help="list what is wrong on this host, with a hint each")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    return p

@@ -1,0 +1,1 @@
+"""aipbx-watchdog: the supervisor daemon (DESIGN decision 9)."""

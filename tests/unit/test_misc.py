@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance import database, pgbouncer, secrets
+from appliance.actions.logs import journalctl_argv
+from appliance.config import Database
+from appliance.errors import LockedError, UsageError
+from appliance.fsutil import atomic_symlink, atomic_write, locked, write_if_changed
+from appliance.run import masked
+
+
+def _verifier(password: str, salt: bytes, iterations: int = 4096) -> str:
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    ck = hmac.new(salted, b"Client Key", "sha256").digest()
+    sk = hmac.new(salted, b"Server Key", "sha256").digest()
+    b = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${iterations}:{b(salt).decode()}$"
+        f"{b(hashlib.sha256(ck).digest()).decode()}:{b(sk).decode()}"
+    )
+
+
+def test_scram_verifier_check() -> None:
+    v = _verifier("s3cret", b"0123456789abcdef")
+    assert database.scram_matches(v, "s3cret")
+    assert not database.scram_matches(v, "other")
+    assert not database.scram_matches("md5abc", "s3cret")
+
+
+def test_secrets_generated_once_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "secrets.env"
+    first, changed = secrets.ensure(path)
+    assert changed and set(first) == set(secrets.GENERATED)
+    assert len(first["ENCRYPTION_KEY"]) == 64
+    assert path.stat().st_mode & 0o777 == 0o640
+    second, changed = secrets.ensure(path)
+    assert not changed and second == first
+
+
+def test_pgbouncer_ini() -> None:
+    ini = pgbouncer.render_ini(Database(), listen=["127.0.0.1", "10.203.0.1"], userlist="/u")
+    assert "listen_addr = 127.0.0.1, 10.203.0.1" in ini
+    assert "default_pool_size = 20" in ini
+    assert "auth_type = scram-sha-256" in ini
+    assert "aipbx_production = host=127.0.0.1 port=5432 dbname=aipbx_production" in ini
+    assert pgbouncer.render_userlist("u", 'p"w') == '"u" "p""w"\n'
+
+
+def test_logs_argv() -> None:
+    assert journalctl_argv("nginx", True, 50)[-4:] == ["nginx.service", "-n", "50", "-f"]
+    with pytest.raises(UsageError):
+        journalctl_argv("nope", False, None)
+
+
+def test_masked() -> None:
+    assert masked(["psql", "password=hunter2"], ["hunter2"]) == ["psql", "password=***"]
+
+
+def test_atomic_write_and_symlink(tmp_path: Path) -> None:
+    f = tmp_path / "a" / "file"
+    atomic_write(f, "one", mode=0o600)
+    assert f.read_text() == "one" and f.stat().st_mode & 0o777 == 0o600
+    assert not write_if_changed(f, "one", mode=0o600)
+    assert write_if_changed(f, "two", mode=0o600)
+    assert [p.name for p in f.parent.iterdir()] == ["file"]
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r2").mkdir()
+    link = tmp_path / "current"
+    atomic_symlink("r1", link)
+    atomic_symlink("r2", link)
+    assert os.readlink(link) == "r2"
+
+
+def test_lock_refuses_a_second_holder(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    with locked(lock, "upgrade"), pytest.raises(LockedError), locked(lock, "upgrade"):
+        pass
+    with locked(lock, "upgrade"):
+        pass

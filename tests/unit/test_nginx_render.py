@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance import config, nginx
+from appliance.colors import Color
+from appliance.paths import Paths
+
+
+def test_site_has_seed_routes_headers_and_limits(tmp_path: Path) -> None:
+    cfg = config.parse('[site]\ndomain = "pbx.example.com"\n[nginx]\napi_rate = "20r/s"\n')
+    site = nginx.render_site(cfg, Paths(tmp_path), ipv6=False)
+    for needle in (
+        "server_name pbx.example.com;",
+        "location /api/ {",
+        "location /static/ {",
+        "location /ws/ {",
+        "location /socket.io/ {",
+        "location /.well-known/acme-challenge/ {",
+        "limit_req_zone $aipbx_limit_key zone=aipbx_api:10m rate=20r/s;",
+        "client_max_body_size 50m;",
+        'add_header Strict-Transport-Security "max-age=63072000; includeSubDomains; preload"',
+        'add_header X-Frame-Options "SAMEORIGIN" always;',
+        "proxy_set_header Upgrade $http_upgrade;",
+        "try_files $uri $uri/ /index.html;",
+        "listen 127.0.0.1:5005;",
+        "listen 127.0.0.1:3033;",
+        f"include {tmp_path}/etc/aipbx/nginx-upstream.conf;",
+        f"ssl_certificate     {tmp_path}/etc/aipbx/tls/selfsigned.crt;",
+    ):
+        assert needle in site, needle
+    assert "listen [::]" not in site
+
+
+def test_every_location_that_adds_headers_keeps_the_security_headers(tmp_path: Path) -> None:
+    # nginx drops inherited add_header lines in a block that has its own.
+    site = nginx.render_site(config.parse(""), Paths(tmp_path), ipv6=True)
+    blocks = site.split("location ")
+    for block in blocks[1:]:
+        body = block.split("\n    }")[0]
+        if "add_header" in body:
+            assert "X-Content-Type-Options" in body, body
+
+
+def test_letsencrypt_cert_is_preferred_when_present(tmp_path: Path) -> None:
+    live = tmp_path / "etc/letsencrypt/live/pbx.example.com"
+    live.mkdir(parents=True)
+    (live / "fullchain.pem").write_text("x")
+    (live / "privkey.pem").write_text("x")
+    cfg = config.parse('[site]\ndomain = "pbx.example.com"\n')
+    assert nginx.tls_files(cfg, Paths(tmp_path)).cert == live / "fullchain.pem"
+
+
+def test_upstream_points_at_the_live_color() -> None:
+    cfg = config.parse("")
+    assert "server 10.203.0.6:5005;" in nginx.render_upstream(cfg, Color.GREEN)
+    assert "server 10.203.0.2:3033;" in nginx.render_upstream(cfg, Color.BLUE)
+    assert "down;" in nginx.render_upstream(cfg, None)
+
+
+def test_drain_goes_to_worker_shutdown_timeout() -> None:
+    cfg = config.parse('[nginx]\nworker_shutdown_timeout = "5m"\n')
+    assert "worker_shutdown_timeout 300s;" in nginx.render_main(cfg)
+
+
+def test_test_conf_swaps_in_the_candidates(tmp_path: Path) -> None:
+    confd = tmp_path / "etc/nginx/conf.d"
+    confd.mkdir(parents=True)
+    (confd / "other.conf").write_text("")
+    (confd / "aipbx.conf").write_text("old")
+    (tmp_path / "etc/nginx/modules-enabled").mkdir(parents=True)
+    text = (
+        "include /etc/nginx/modules-enabled/*.conf;\nhttp {\n"
+        "  include /etc/nginx/conf.d/*.conf;\n}\n"
+    )
+    site, main = tmp_path / "cand-site", tmp_path / "cand-main"
+    out = nginx._test_main_conf(text, Paths(tmp_path), site, main)
+    assert out is not None
+    assert f"include {confd}/other.conf;" in out
+    assert f"include {site};" in out and f"include {main};" in out
+    assert "aipbx.conf" not in out
+    assert nginx._test_main_conf("http {}", Paths(tmp_path), site, main) is None
