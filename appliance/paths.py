@@ -70,7 +70,8 @@ class Paths:
 
     @property
     def acme_webroot(self) -> Path:
-        return self.var / "acme"
+        # Outside /var/lib/aipbx (0750): nginx's workers (www-data) must read it.
+        return self._p("var/www/aipbx-acme")
 
     @property
     def run(self) -> Path:
