@@ -72,6 +72,8 @@ class Database:
     pool_size: int = 20
     max_client_conn: int = 500
     pgbouncer_port: int = field(default=6432, metadata=_check(v.port))
+    # Debian's PostgreSQL cluster, reached by PgBouncer on loopback
+    postgres_port: int = field(default=5432, metadata=_check(v.port))
     # transaction pooling lets many clients share pool_size server connections
     pool_mode: str = field(default="transaction", metadata=_check(v.pool_mode))
 
