@@ -24,10 +24,14 @@ pytestmark = pytest.mark.integration
 PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
 
 
-def _as_postgres(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["runuser", "-u", "postgres", "--", *argv], text=True, capture_output=True, check=True, **kw
-    )  # type: ignore[call-overload]
+def _as_postgres(argv: list[str], input: str | None = None) -> None:
+    subprocess.run(
+        ["runuser", "-u", "postgres", "--", *argv],
+        text=True,
+        input=input,
+        capture_output=True,
+        check=True,
+    )
 
 
 @pytest.fixture
