@@ -35,7 +35,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass.
-PYTEST = $(VPY) -m pytest -p no:cacheprovider -q
+PYTEST = packaging/pytest-tier $(VPY)
 
 unit: venv
 	$(PYTEST) tests/unit
@@ -44,7 +44,7 @@ integration: venv
 	$(PYTEST) tests/integration
 
 system: venv deb
-	AIPBX_DEB=$(CURDIR)/$(DEB) $(PYTEST) -x tests/system
+	AIPBX_DEB=$(CURDIR)/$(DEB) $(PYTEST) tests/system -x
 
 test: lint typecheck unit integration system
 
