@@ -1,0 +1,209 @@
+"""The systemd units in units/ and the shipped conffile, read as systemd and dpkg will see
+them: the sandboxing each unit promises, and a conffile that documents every key."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import re
+import tomllib
+import typing
+from pathlib import Path
+
+import pytest
+
+from appliance import config
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = ROOT / "units"
+SERVICES = sorted(p.name for p in UNITS.glob("*.service"))
+# A service without User= must say why it runs as root in a comment of this form.
+ROOT_REASON = re.compile(r"^# Runs as root: \S", re.MULTILINE)
+
+
+def unit(name: str) -> configparser.ConfigParser:
+    # systemd allows repeated keys (SystemCallFilter=, ExecStart=): not strict, and %i
+    # is not an interpolation.
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((UNITS / name).read_text(), source=name)
+    return parser
+
+
+def values(name: str, section: str, key: str) -> list[str]:
+    """Every value a key takes in a section, repeated keys included, in order."""
+    out: list[str] = []
+    current = ""
+    for raw in (UNITS / name).read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+        elif current == section and line.split("=", 1)[0] == key and "=" in line:
+            out.append(line.split("=", 1)[1])
+    return out
+
+
+def test_the_expected_units_exist() -> None:
+    assert SERVICES == [
+        "aipbx-backend@.service",
+        "aipbx-netns@.service",
+        "aipbx-pgbouncer.service",
+        "aipbx-watchdog.service",
+    ]
+    assert (UNITS / "aipbx.target").is_file()
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_service_runs_unprivileged_or_says_why_not(name: str) -> None:
+    svc = unit(name)["Service"]
+    user = svc.get("User", "root")
+    if user in ("root", "0"):
+        assert ROOT_REASON.search((UNITS / name).read_text()), f"{name}: root without a reason"
+    else:
+        assert user != "nobody", "nobody is shared with other services"
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_service_cannot_gain_privileges(name: str) -> None:
+    svc = unit(name)["Service"]
+    assert svc.get("NoNewPrivileges") == "yes"
+    assert svc.get("SystemCallArchitectures") == "native"
+    assert svc.get("RestrictSUIDSGID") == "yes"
+    assert "CapabilityBoundingSet" in svc
+    caps = set(svc["CapabilityBoundingSet"].split())
+    # Only the netns unit may hold CAP_SYS_ADMIN (it creates network namespaces).
+    if name != "aipbx-netns@.service":
+        assert "CAP_SYS_ADMIN" not in caps
+    if svc.get("User", "root") not in ("root", "0"):
+        assert caps == set(), f"{name}: an unprivileged service needs no capability"
+
+
+# The netns unit cannot have a mount namespace: the bind mount that pins
+# /run/netns/aipbx-COLOR would stay inside it (see the comment in the unit).
+MOUNT_SANDBOXED = [s for s in SERVICES if s != "aipbx-netns@.service"]
+
+
+@pytest.mark.parametrize("name", MOUNT_SANDBOXED)
+def test_service_sees_a_read_only_os_and_a_private_tmp(name: str) -> None:
+    svc = unit(name)["Service"]
+    assert svc.get("ProtectSystem") == "strict"
+    assert svc.get("PrivateTmp") == "yes"
+    assert svc.get("ProtectHome") == "yes"
+    assert svc.get("PrivateDevices") == "yes"
+
+
+def test_netns_unit_has_no_mount_namespace_and_says_why() -> None:
+    name = "aipbx-netns@.service"
+    svc = unit(name)["Service"]
+    for key in ("ProtectSystem", "PrivateTmp", "ProtectHome", "PrivateDevices", "PrivateMounts"):
+        assert svc.get(key, "no") == "no", key
+    assert "own mount namespace" in (UNITS / name).read_text()
+    assert set(svc["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
+    assert svc.get("IPAddressDeny") == "any"
+    assert svc.get("Type") == "oneshot" and svc.get("RemainAfterExit") == "yes"
+
+
+def test_backend_is_limited_but_keeps_the_jit() -> None:
+    name = "aipbx-backend@.service"
+    u = unit(name)
+    svc = u["Service"]
+    assert svc.get("User") == "_aipbx" and svc.get("Group") == "_aipbx"
+    assert svc.get("MemoryMax") == "2G"
+    assert svc.get("CPUQuota") == "200%"
+    # Node's V8 JIT needs writable+executable memory.
+    assert svc.get("MemoryDenyWriteExecute", "no") != "yes"
+    assert svc.get("NetworkNamespacePath") == "/run/netns/aipbx-%i"
+    assert svc.get("ReadWritePaths") == "/var/lib/aipbx/shared"
+    assert "aipbx-netns@%i.service" in u["Unit"]["Requires"].split()
+    assert "aipbx-netns@%i.service" in u["Unit"]["After"].split()
+    assert u["Unit"].get("PartOf") == "aipbx.target"
+    assert u["Install"].get("WantedBy") == "aipbx.target"
+
+
+def test_watchdog_is_notify_with_a_watchdog_timeout() -> None:
+    u = unit("aipbx-watchdog.service")
+    svc = u["Service"]
+    assert svc.get("Type") == "notify"
+    assert svc.get("NotifyAccess") == "main"
+    assert svc.get("WatchdogSec") == "30s"
+    assert svc.get("Restart") == "always"
+    assert svc.get("ExecStart") == "/usr/libexec/aipbx/aipbx-watchdog"
+    assert svc.get("MemoryDenyWriteExecute") == "yes"
+    # It must see the backends' processes (another user) in /proc.
+    assert svc.get("ProtectProc", "default") == "default"
+    assert set(svc["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN"}
+    assert u["Unit"].get("PartOf") == "aipbx.target"
+
+
+def test_pgbouncer_is_skipped_until_setup() -> None:
+    u = unit("aipbx-pgbouncer.service")
+    assert u["Unit"].get("ConditionPathExists") == "/etc/aipbx/pgbouncer.ini"
+    svc = u["Service"]
+    assert svc.get("Type") == "notify"
+    assert svc.get("User") == "postgres"
+    assert svc.get("ExecStart") == "/usr/sbin/pgbouncer /etc/aipbx/pgbouncer.ini"
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_every_service_is_part_of_the_target(name: str) -> None:
+    assert unit(name)["Unit"].get("PartOf") == "aipbx.target"
+
+
+def test_target_wants_the_shared_services() -> None:
+    u = unit("aipbx.target")
+    wants = set(u["Unit"]["Wants"].split())
+    assert wants == {
+        "aipbx-watchdog.service",
+        "nginx.service",
+        "postgresql.service",
+        "aipbx-pgbouncer.service",
+    }
+    assert u["Install"].get("WantedBy") == "multi-user.target"
+
+
+def test_repeated_keys_all_count() -> None:
+    filters = values("aipbx-backend@.service", "Service", "SystemCallFilter")
+    assert filters[0] == "@system-service"
+    assert any(f.startswith("~") and "@privileged" in f for f in filters[1:])
+
+
+def test_packaging_installs_every_unit() -> None:
+    install = (ROOT / "packaging/debian/aipbx-appliance.install").read_text().split()
+    for u in UNITS.iterdir():
+        assert f"units/{u.name}" in install, u.name
+
+
+# The shipped /etc/aipbx/aipbx.toml: every key of appliance/config.py, commented out, with
+# its default and a comment saying what it does.
+CONFFILE = ROOT / "packaging/aipbx.toml"
+KEY_LINE = re.compile(r"^# (?P<key>[a-z_]+) = (?P<value>.+?)\s+# (?P<doc>\S.*)$")
+
+
+def documented_keys() -> dict[tuple[str, str], object]:
+    section = ""
+    found: dict[tuple[str, str], object] = {}
+    for line in CONFFILE.read_text().splitlines():
+        if m := re.match(r"^\[(\w+)\]$", line):
+            section = m.group(1)
+        elif section and (m := KEY_LINE.match(line)):
+            value = tomllib.loads(f"v = {m.group('value')}")["v"]
+            found[(section, m.group("key"))] = value
+    return found
+
+
+def schema_defaults() -> dict[tuple[str, str], object]:
+    out: dict[tuple[str, str], object] = {}
+    for section, cls in typing.get_type_hints(config.Config).items():
+        for f in dataclasses.fields(cls):
+            default = f.default
+            out[(section, f.name)] = list(default) if isinstance(default, tuple) else default
+    return out
+
+
+def test_conffile_parses_and_sets_nothing() -> None:
+    tomllib.loads(CONFFILE.read_text())
+    assert config.load(CONFFILE) == config.Config()
+
+
+def test_conffile_documents_every_key_with_its_default() -> None:
+    assert documented_keys() == schema_defaults()
