@@ -5,6 +5,10 @@
 # dpkg-buildpackage builds the binary package there. Run by `make deb`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's tools and Debian's Python only: a python3 from pyenv, a venv or /usr/local
+# must not build the package.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+unset PYTHONPATH PYTHONHOME VIRTUAL_ENV
 
 name=aipbx-appliance
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
