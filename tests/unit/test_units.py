@@ -145,6 +145,16 @@ def test_pgbouncer_is_skipped_until_setup() -> None:
 
 
 @pytest.mark.parametrize("name", SERVICES)
+def test_no_service_removes_the_ipc_of_a_shared_user(name: str) -> None:
+    # RemoveIPC= deletes every IPC object of the unit's user when the unit stops: for
+    # postgres that is PostgreSQL's shared memory, for _aipbx the other color's.
+    svc = unit(name)["Service"]
+    assert svc.get("RemoveIPC", "no") == "no"
+    if svc.get("User", "root") not in ("root", "0"):
+        assert svc.get("PrivateIPC") == "yes"
+
+
+@pytest.mark.parametrize("name", SERVICES)
 def test_every_service_is_part_of_the_target(name: str) -> None:
     assert unit(name)["Unit"].get("PartOf") == "aipbx.target"
 
