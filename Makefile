@@ -28,8 +28,8 @@ $(VENV)/.done: build/.prereqs packaging/dev-requirements.txt
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check appliance tests bench
-	$(VENV)/bin/ruff format --check appliance tests bench
+	$(VENV)/bin/ruff check appliance tests bench sample_backend
+	$(VENV)/bin/ruff format --check appliance tests bench sample_backend
 
 typecheck: venv
 	$(VENV)/bin/mypy

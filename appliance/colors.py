@@ -30,7 +30,8 @@ class ColorNet:
     ns_if: str  # veth name inside the namespace
 
 
-def color_net(subnet: str, color: Color) -> ColorNet:
+def color_net(subnet: str, color: Color, *, prefix: str = "aipbx") -> ColorNet:
+    """`prefix` names the netns and veth (tests use their own, unique one)."""
     net = ipaddress.IPv4Network(subnet)
     links = list(net.subnets(new_prefix=30))
     link = links[0 if color is Color.BLUE else 1]
@@ -40,8 +41,8 @@ def color_net(subnet: str, color: Color) -> ColorNet:
         host_addr=str(host),
         ns_addr=str(ns),
         prefixlen=30,
-        netns=f"aipbx-{color}",
-        host_if=f"aipbx-{color}",
+        netns=f"{prefix}-{color}",
+        host_if=f"{prefix}-{color}",
         ns_if="eth0",
     )
 

@@ -104,8 +104,8 @@ class Paths:
 
     @property
     def pgbouncer_ini(self) -> Path:
-        return self._p("etc/pgbouncer/pgbouncer.ini")
+        return self.etc / "pgbouncer.ini"
 
     @property
     def pgbouncer_userlist(self) -> Path:
-        return self._p("etc/pgbouncer/userlist.txt")
+        return self.etc / "pgbouncer-userlist.txt"

@@ -89,7 +89,7 @@ def ensure_pgbouncer(cfg: Config, paths: Paths, services: Services, password: st
         uid, gid = pg.pw_uid, pg.pw_gid
     except KeyError:
         uid = gid = -1
-    userlist = paths.etc / "pgbouncer-userlist.txt"
+    userlist = paths.pgbouncer_userlist
     # The colors' veth addresses join this list with the network namespaces (blue/green).
     listen = ["127.0.0.1"]
     changed = write_if_changed(
@@ -100,7 +100,7 @@ def ensure_pgbouncer(cfg: Config, paths: Paths, services: Services, password: st
         gid=gid,
     )
     changed |= write_if_changed(
-        paths.etc / "pgbouncer.ini",
+        paths.pgbouncer_ini,
         pgbouncer.render_ini(cfg.database, listen=listen, userlist=str(userlist)),
         mode=0o640,
         uid=0,
