@@ -1,4 +1,7 @@
-"""`aipbx-netns up|down COLOR`, run by aipbx-netns@.service as root."""
+"""`aipbx-netns up|down COLOR`: ExecStartPost=+ / ExecStopPost=+ of aipbx-netns@COLOR.service.
+`up` runs inside the color's namespace ($MAINPID is the unit's anchor process); it wires the
+veth and then (re)applies the nft table from state.json, so a boot brings the UDP switch
+back as it was."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 from appliance import config as config_mod
 from appliance import log as logmod
-from appliance import netns
+from appliance import netns, nft, state
 from appliance.colors import color_net, parse_color
 from appliance.errors import AipbxError
 from appliance.paths import Paths
@@ -24,11 +27,25 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("up", "down"):
         print("usage: aipbx-netns up|down blue|green", file=sys.stderr)
         return 2
+    action = argv[0]
     try:
         color = parse_color(argv[1])
-        cfg = config_mod.load(Paths(Path(os.environ.get("AIPBX_ROOT", "/"))).config)
+        paths = Paths(Path(os.environ.get("AIPBX_ROOT", "/")))
+        cfg = config_mod.load(paths.config)
         net = color_net(cfg.network.subnet, color)
-        steps = netns.up(net) if argv[0] == "up" else netns.down(net)
+        if action == "up":
+            pid = os.environ.get("MAINPID", "")
+            if not pid.isdigit():
+                print(
+                    "aipbx-netns: up needs $MAINPID (run it from aipbx-netns@.service)",
+                    file=sys.stderr,
+                )
+                return 2
+            steps = netns.up(net, peer_netns=pid)
+            live = state.load(paths.state).live_color
+            nft.apply(nft.render(cfg, live), host=netns.HOST_FROM_COLOR)
+        else:
+            steps = netns.down(net)
     except (AipbxError, ValueError) as e:
         msg = e.message if isinstance(e, AipbxError) else str(e)
         print(f"aipbx-netns: {msg}", file=sys.stderr)
@@ -38,6 +55,6 @@ def main(argv: Sequence[str]) -> int:
             "%s: %s",
             color,
             shlex.join(s),
-            extra={"fields": {"color": color, "action": f"netns-{argv[0]}"}},
+            extra={"fields": {"color": color, "action": f"netns-{action}"}},
         )
     return 0

@@ -5,6 +5,8 @@ conntrack keeps every existing flow (a live call) on the color it started on."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from appliance.colors import Color, color_net
 from appliance.config import Config
 from appliance.run import run
@@ -46,8 +48,10 @@ table inet {table} {{
 """
 
 
-def apply(ruleset: str) -> None:
-    run(["nft", "-f", "-"], input=ruleset, hint="is nftables installed and are you root?")
+def apply(ruleset: str, *, host: Sequence[str] = ()) -> None:
+    """Replace the table in one transaction; `host` prefixes the argv (nsenter) when called
+    from inside a color's namespace."""
+    run([*host, "nft", "-f", "-"], input=ruleset, hint="is nftables installed and are you root?")
 
 
 def delete(table: str = TABLE) -> None:

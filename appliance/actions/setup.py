@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from appliance import cert, conffile, database, nginx, pgbouncer, secrets, state
 from appliance import config as config_mod
+from appliance.colors import Color, color_net
 from appliance.config import Config
 from appliance.errors import UsageError
 from appliance.fsutil import locked, write_if_changed
@@ -90,8 +91,8 @@ def ensure_pgbouncer(cfg: Config, paths: Paths, services: Services, password: st
     except KeyError:
         uid = gid = -1
     userlist = paths.pgbouncer_userlist
-    # The colors' veth addresses join this list with the network namespaces (blue/green).
-    listen = ["127.0.0.1"]
+    # Loopback for local tools, and the host end of each color's veth for the backends.
+    listen = ["127.0.0.1"] + [color_net(cfg.network.subnet, c).host_addr for c in Color]
     changed = write_if_changed(
         userlist,
         pgbouncer.render_userlist(cfg.database.user, password),
@@ -116,6 +117,11 @@ def ensure_pgbouncer(cfg: Config, paths: Paths, services: Services, password: st
             "stopped and disabled Debian's pgbouncer.service (the appliance runs "
             f"its own, {PGBOUNCER_UNIT})"
         )
+    for c in Color:  # PgBouncer binds the veth addresses: their namespaces come first
+        unit = f"aipbx-netns@{c}.service"
+        if not services.is_active(unit):
+            services.start(unit)
+            changes.append(f"started {unit}")
     if changed or not services.is_active(PGBOUNCER_UNIT):
         services.restart(PGBOUNCER_UNIT)
         changes.append(f"(re)started {PGBOUNCER_UNIT}")

@@ -204,7 +204,9 @@ def test_bad_config_is_refused_and_nothing_applied(machine: Machine) -> None:
     good = conf.read_text()
     site_before = machine.run(["sha256sum", "/etc/nginx/conf.d/aipbx.conf"]).stdout
     try:
-        conf.write_text(good + '\n[database]\npool_size = "many"\n')
+        bad = re.sub(r"(?m)^#? *pool_size *=.*$", 'pool_size = "many"', good, count=1)
+        assert bad != good
+        conf.write_text(bad)
         r = machine.run(["aipbxctl", "setup"], check=False)
         assert r.returncode == 2
         assert re.match(

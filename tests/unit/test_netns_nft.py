@@ -4,29 +4,29 @@ from appliance import config, netns, nft
 from appliance.colors import Color, color_net
 
 NET = color_net("10.203.0.0/24", Color.GREEN)
-NOTHING = netns.Observed(False, False, (), False, (), False, False, "")
 
 
-def test_plan_up_from_nothing_creates_everything_in_order() -> None:
-    steps = [" ".join(s) for s in netns.plan_up(NET, NOTHING)]
-    assert steps[0] == "ip netns add aipbx-green"
-    assert steps[1] == "ip link add aipbx-green type veth peer name eth0 netns aipbx-green"
-    assert "ip addr replace 10.203.0.5/30 dev aipbx-green" in steps
-    assert "ip -n aipbx-green addr replace 10.203.0.6/30 dev eth0" in steps
-    assert steps[-1] == "ip -n aipbx-green route replace default via 10.203.0.5"
+def test_plan_up_wires_host_and_namespace_sides() -> None:
+    steps = netns.plan_up(NET, peer_netns="4242", host_link_exists=False)
+    text = [f"{where}: {' '.join(argv)}" for where, argv in steps]
+    assert text[0] == "host: ip link add aipbx-green type veth peer name eth0 netns 4242"
+    assert "host: ip addr replace 10.203.0.5/30 dev aipbx-green" in text
+    assert "host: sysctl -q -w net.ipv4.conf.aipbx-green.route_localnet=1" in text
+    assert "ns: ip addr replace 10.203.0.6/30 dev eth0" in text
+    assert text[-1] == "ns: ip route replace default via 10.203.0.5"
 
 
-def test_plan_up_when_all_exists_only_reasserts_sysctls() -> None:
-    seen = netns.Observed(
-        True, True, ("10.203.0.5/30",), True, ("10.203.0.6/30",), True, True, "10.203.0.5"
-    )
-    assert all(s[0] == "sysctl" for s in netns.plan_up(NET, seen))
+def test_plan_up_replaces_a_stale_host_link() -> None:
+    steps = netns.plan_up(NET, peer_netns="1", host_link_exists=True)
+    assert steps[0] == ("host", ["ip", "link", "delete", "aipbx-green"])
+    assert steps[1][1][:3] == ["ip", "link", "add"]
 
 
 def test_plan_down() -> None:
-    assert netns.plan_down(NET, NOTHING) == []
-    seen = netns.Observed(True, False, (), False, (), False, False, "")
-    assert netns.plan_down(NET, seen) == [["ip", "netns", "delete", "aipbx-green"]]
+    assert netns.plan_down(NET, host_link_exists=False) == []
+    assert netns.plan_down(NET, host_link_exists=True) == [
+        ("host", ["ip", "link", "delete", "aipbx-green"])
+    ]
 
 
 def test_nft_ruleset_replaces_the_table_atomically_and_dnats_to_live() -> None:

@@ -71,19 +71,12 @@ def test_service_cannot_gain_privileges(name: str) -> None:
     assert svc.get("RestrictSUIDSGID") == "yes"
     assert "CapabilityBoundingSet" in svc
     caps = set(svc["CapabilityBoundingSet"].split())
-    # Only the netns unit may hold CAP_SYS_ADMIN (it creates network namespaces).
-    if name != "aipbx-netns@.service":
-        assert "CAP_SYS_ADMIN" not in caps
+    assert "CAP_SYS_ADMIN" not in caps
     if svc.get("User", "root") not in ("root", "0"):
         assert caps == set(), f"{name}: an unprivileged service needs no capability"
 
 
-# The netns unit cannot have a mount namespace: the bind mount that pins
-# /run/netns/aipbx-COLOR would stay inside it (see the comment in the unit).
-MOUNT_SANDBOXED = [s for s in SERVICES if s != "aipbx-netns@.service"]
-
-
-@pytest.mark.parametrize("name", MOUNT_SANDBOXED)
+@pytest.mark.parametrize("name", SERVICES)
 def test_service_sees_a_read_only_os_and_a_private_tmp(name: str) -> None:
     svc = unit(name)["Service"]
     assert svc.get("ProtectSystem") == "strict"
@@ -92,15 +85,13 @@ def test_service_sees_a_read_only_os_and_a_private_tmp(name: str) -> None:
     assert svc.get("PrivateDevices") == "yes"
 
 
-def test_netns_unit_has_no_mount_namespace_and_says_why() -> None:
-    name = "aipbx-netns@.service"
-    svc = unit(name)["Service"]
-    for key in ("ProtectSystem", "PrivateTmp", "ProtectHome", "PrivateDevices", "PrivateMounts"):
-        assert svc.get(key, "no") == "no", key
-    assert "own mount namespace" in (UNITS / name).read_text()
-    assert set(svc["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
-    assert svc.get("IPAddressDeny") == "any"
-    assert svc.get("Type") == "oneshot" and svc.get("RemainAfterExit") == "yes"
+def test_netns_unit_holds_the_namespace_unprivileged_and_wires_it_privileged() -> None:
+    svc = unit("aipbx-netns@.service")["Service"]
+    assert svc.get("PrivateNetwork") == "yes"
+    assert svc.get("User") == "_aipbx"
+    assert svc.get("CapabilityBoundingSet") == ""
+    assert svc.get("ExecStartPost") == "+/usr/libexec/aipbx/aipbx-netns up %i"
+    assert svc.get("ExecStopPost") == "+/usr/libexec/aipbx/aipbx-netns down %i"
 
 
 def test_backend_is_limited_but_keeps_the_jit() -> None:
@@ -112,9 +103,10 @@ def test_backend_is_limited_but_keeps_the_jit() -> None:
     assert svc.get("CPUQuota") == "200%"
     # Node's V8 JIT needs writable+executable memory.
     assert svc.get("MemoryDenyWriteExecute", "no") != "yes"
-    assert svc.get("NetworkNamespacePath") == "/run/netns/aipbx-%i"
+    assert svc.get("PrivateNetwork") == "yes"
+    assert u["Unit"].get("JoinsNamespaceOf") == "aipbx-netns@%i.service"
     assert svc.get("ReadWritePaths") == "/var/lib/aipbx/shared"
-    assert "aipbx-netns@%i.service" in u["Unit"]["Requires"].split()
+    assert "aipbx-netns@%i.service" in u["Unit"]["BindsTo"].split()
     assert "aipbx-netns@%i.service" in u["Unit"]["After"].split()
     assert u["Unit"].get("PartOf") == "aipbx.target"
     assert u["Install"].get("WantedBy") == "aipbx.target"
@@ -161,12 +153,14 @@ def test_every_service_is_part_of_the_target(name: str) -> None:
 
 def test_target_wants_the_shared_services() -> None:
     u = unit("aipbx.target")
-    wants = set(u["Unit"]["Wants"].split())
+    wants = {w for line in values("aipbx.target", "Unit", "Wants") for w in line.split()}
     assert wants == {
         "aipbx-watchdog.service",
         "nginx.service",
         "postgresql.service",
         "aipbx-pgbouncer.service",
+        "aipbx-netns@blue.service",
+        "aipbx-netns@green.service",
     }
     assert u["Install"].get("WantedBy") == "multi-user.target"
 
