@@ -46,7 +46,7 @@ integration: venv
 system: venv deb
 	AIPBX_DEB=$(CURDIR)/$(DEB) $(PYTEST) tests/system -x
 
-test: lint typecheck unit integration system
+test: lint typecheck unit integration lintian piuparts system
 
 deb: $(DEB)
 $(DEB): build/.prereqs $(shell git ls-files appliance bin units nginx packaging man pyproject.toml 2>/dev/null)
