@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DEB := build/aipbx-appliance_$(VERSION)_all.deb
 
-.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench clean
+.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench clean sample
 
 help:
 	@echo "make demo   build the .deb, boot Debian 12 under systemd-nspawn, install, set up"
@@ -43,8 +43,15 @@ unit: venv
 integration: venv
 	$(PYTEST) tests/integration
 
-system: venv deb
-	AIPBX_DEB=$(CURDIR)/$(DEB) $(PYTEST) tests/system -x
+# The sample backend (DESIGN.md), built into two releases for tests, bench and demo.
+SAMPLE := build/sample/aipbx-sample-1.0.0.tar.gz build/sample/aipbx-sample-2.0.0.tar.gz
+sample: $(SAMPLE)
+build/sample/aipbx-sample-%.tar.gz: $(wildcard sample_backend/aipbx_sample/*.py) sample_backend/aipbx-release.toml.in sample_backend/build.sh $(wildcard appliance/release/*.py)
+	rm -rf build/sample/aipbx-sample-$* build/sample/aipbx-sample-$*.tar.gz*
+	bash sample_backend/build.sh build/sample $*
+
+system: venv deb sample
+	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(PYTEST) tests/system -x
 
 test: lint typecheck unit integration lintian piuparts system
 
@@ -58,8 +65,8 @@ lintian: deb
 piuparts: deb
 	bash packaging/piuparts.sh $(DEB)
 
-demo: venv deb
-	AIPBX_DEB=$(CURDIR)/$(DEB) $(VPY) -m bench.demo
+demo: venv deb sample
+	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.demo
 
 clean:
 	rm -rf build/src build/*.deb build/venv

@@ -14,7 +14,7 @@ from pathlib import Path
 from appliance import __version__
 from appliance import config as config_mod
 from appliance import log as logmod
-from appliance.actions import doctor, logs, setup, status
+from appliance.actions import doctor, logs, rollout, setup, status
 from appliance.cli import parser
 from appliance.errors import AipbxError, ExitCode, UsageError
 from appliance.paths import Paths
@@ -63,6 +63,24 @@ def _dispatch(args: object, paths: Paths) -> int:
     if cmd == "logs":
         argv = logs.journalctl_argv(a["service"], a["follow"], a["lines"])
         os.execvp(argv[0], argv)
+    if cmd in ("upgrade", "rollback"):
+        result = rollout.run_rollout(paths, services, a, cmd)
+        if a["json"]:
+            _print_json(result)
+        else:
+            keys = ("release", "color", "switch_ms", "rollback_ms", "upgrade_s")
+            print(" ".join(f"{k}={result[k]}" for k in keys if k in result))
+        return ExitCode.OK
+    if cmd == "release":
+        print(rollout.release_pack(a))
+        return ExitCode.OK
+    if cmd == "releases":
+        data = rollout.list_releases(paths)
+        _print_json(data) if a["json"] else print(rollout.format_releases(data))
+        return ExitCode.OK
+    if cmd == "reconcile":
+        print("\n".join(rollout.run_reconcile(paths, services)) or "reconcile: all in line")
+        return ExitCode.OK
     if cmd == "doctor":
         findings = doctor.diagnose(paths, services)
         if a["json"]:
@@ -81,7 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logmod.setup(verbose=args.verbose)
     paths = Paths(Path(os.environ.get("AIPBX_ROOT", "/")))
     try:
-        needs_root = args.command in ("setup", "install-defaults")
+        needs_root = args.command in (
+            "setup",
+            "install-defaults",
+            "upgrade",
+            "rollback",
+            "reconcile",
+        )
         if needs_root and os.geteuid() != 0:
             raise UsageError(
                 f"`aipbxctl {args.command}` must run as root", hint=f"sudo aipbxctl {args.command}"

@@ -54,6 +54,60 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true", help="follow new entries")
     lg.add_argument("-n", "--lines", type=int, help="show the last N entries")
 
+    r = sub.add_parser("release", help="release artifacts")
+    rsub = r.add_subparsers(dest="release_command", metavar="ACTION", required=True)
+    rp = rsub.add_parser("pack", help="make NAME-VERSION.tar.gz + .sha256 from a built app dir")
+    rp.add_argument("dir", help="the built application directory (packed unmodified)")
+    rp.add_argument("--name", help="release name (else from DIR/aipbx-release.toml)")
+    rp.add_argument("--version", dest="release_version", help="release version")
+    rp.add_argument("--kind", choices=["backend", "frontend"], help="default: backend")
+    rp.add_argument(
+        "--command",
+        dest="release_cmd",
+        help='how to start it, e.g. "node dist/main.js" (split like a shell)',
+    )
+    rp.add_argument("--migrate", help="migration command, run before the new color starts")
+    rp.add_argument("--runtime", help="dir inside the release prepended to PATH (e.g. node/bin)")
+    rp.add_argument("-o", "--out", default=".", help="output directory (default: .)")
+
+    rl = sub.add_parser("releases", help="installed releases and which color runs what")
+    rl.add_argument("--json", action="store_true", help="machine-readable output")
+
+    up = sub.add_parser("upgrade", help="blue/green upgrade to a release artifact")
+    up.add_argument("artifact", help="NAME-VERSION.tar.gz (with its .sha256 beside it)")
+    _rollout_options(up)
+
+    rb = sub.add_parser("rollback", help="switch back to the previous release")
+    rb.add_argument("--to", help="an installed version (or release dir name) instead")
+    _rollout_options(rb)
+
+    sub.add_parser("reconcile", help="make nginx, nft and the units match state.json")
+
     d = sub.add_parser("doctor", help="list what is wrong on this host, with a hint each")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _rollout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--probation",
+        type=float,
+        metavar="S",
+        help="seconds the new color must stay healthy after the switch "
+        "(default: [upgrade] probation)",
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        metavar="S",
+        help="seconds the old color may keep WebSocket connections and calls "
+        "(default: [upgrade] drain)",
+    )
+    p.add_argument(
+        "--health-timeout",
+        type=float,
+        metavar="S",
+        help="seconds the new color has to become healthy (default: the manifest's)",
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--json", action="store_true", help="print the steps and figures as JSON")

@@ -91,6 +91,79 @@ class Upgrade:
     drain: str = field(default="30m", metadata=_check(v.duration_seconds))
 
 
+def _at_least_1(n: int) -> int:
+    if n < 1:
+        raise ValueError(f"{n} must be at least 1")
+    return n
+
+
+def _percent(n: int) -> int:
+    if not 1 <= n <= 99:
+        raise ValueError(f"{n} is not a percentage between 1 and 99")
+    return n
+
+
+def _bind_address(a: str) -> str:
+    if not a:
+        raise ValueError("an address is required (127.0.0.1 keeps it on this host)")
+    return v.ip_address(a)
+
+
+def _url(u: str) -> str:
+    if u and (not u.startswith(("http://", "https://")) or any(c.isspace() for c in u)):
+        raise ValueError(f"{u!r} is not an http:// or https:// URL")
+    return u
+
+
+def _emails(addrs: tuple[str, ...]) -> tuple[str, ...]:
+    for a in addrs:
+        if not a:
+            raise ValueError("an empty address")
+        v.email(a)
+    return addrs
+
+
+@dataclass(frozen=True)
+class Watchdog:
+    # Durations also take milliseconds ("200ms"); the watchdog keeps their precision.
+    interval: str = field(default="2s", metadata=_check(v.duration_seconds))
+    timeout: str = field(default="2s", metadata=_check(v.duration_seconds))
+    slow_threshold: str = field(default="1s", metadata=_check(v.duration_seconds))
+    failures_to_open: int = field(default=3, metadata=_check(_at_least_1))
+    # Time an opened breaker waits (the unit is restarting) before one probe decides.
+    cooldown: str = field(default="15s", metadata=_check(v.duration_seconds))
+    backoff_initial: str = field(default="1s", metadata=_check(v.duration_seconds))
+    backoff_max: str = field(default="5m", metadata=_check(v.duration_seconds))
+    restart_budget: int = field(default=5, metadata=_check(_at_least_1))
+    restart_window: str = field(default="10m", metadata=_check(v.duration_seconds))
+    critical_after: str = field(default="60s", metadata=_check(v.duration_seconds))
+    api_port: int = field(default=6030, metadata=_check(v.port))
+    api_bind: str = field(default="127.0.0.1", metadata=_check(_bind_address))
+    disk_warn_pct: int = field(default=10, metadata=_check(_percent))
+    disk_crit_pct: int = field(default=5, metadata=_check(_percent))
+    memory_warn_pct: int = field(default=90, metadata=_check(_percent))
+    cert_warn_days: int = field(default=14, metadata=_check(_at_least_1))
+    cert_crit_days: int = field(default=3, metadata=_check(_at_least_1))
+
+
+@dataclass(frozen=True)
+class Alerts:
+    # Credentials are not here: TELEGRAM_BOT_TOKEN, TELEGRAM_ADMIN_CHATID and
+    # ALERT_SMTP_PASSWORD come from /etc/aipbx/secrets.env.
+    telegram_base_url: str = field(default="https://api.telegram.org", metadata=_check(_url))
+    telegram_chat_id: str = ""
+    webhook_url: str = field(default="", metadata=_check(_url))
+    smtp_host: str = ""
+    smtp_port: int = field(default=587, metadata=_check(v.port))
+    smtp_starttls: bool = True
+    smtp_user: str = ""
+    smtp_from: str = field(default="", metadata=_check(v.email))
+    smtp_to: tuple[str, ...] = field(default=(), metadata=_check(_emails))
+    rate_limit_per_min: int = field(default=20, metadata=_check(_at_least_1))
+    queue_size: int = field(default=100, metadata=_check(_at_least_1))
+    send_timeout: str = field(default="10s", metadata=_check(v.duration_seconds))
+
+
 @dataclass(frozen=True)
 class Config:
     site: Site = field(default_factory=Site)
@@ -100,6 +173,38 @@ class Config:
     database: Database = field(default_factory=Database)
     releases: Releases = field(default_factory=Releases)
     upgrade: Upgrade = field(default_factory=Upgrade)
+    watchdog: Watchdog = field(default_factory=Watchdog)
+    alerts: Alerts = field(default_factory=Alerts)
+
+
+def _watchdog_cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str]) -> list[str]:
+    w = cfg.watchdog
+    errors: list[str] = []
+    if v.duration_seconds(w.interval) == 0 or v.duration_seconds(w.timeout) == 0:
+        errors.append(f"{where(('watchdog', 'interval'))}: watchdog.interval and timeout must be > 0")
+    if _ms(w.slow_threshold) >= _ms(w.timeout):
+        errors.append(
+            f"{where(('watchdog', 'slow_threshold'))}: watchdog.slow_threshold must be "
+            "shorter than watchdog.timeout"
+        )
+    if w.disk_crit_pct >= w.disk_warn_pct:
+        errors.append(
+            f"{where(('watchdog', 'disk_crit_pct'))}: watchdog.disk_crit_pct must be below "
+            "disk_warn_pct"
+        )
+    if w.cert_crit_days >= w.cert_warn_days:
+        errors.append(
+            f"{where(('watchdog', 'cert_crit_days'))}: watchdog.cert_crit_days must be below "
+            "cert_warn_days"
+        )
+    return errors
+
+
+def _ms(duration: str) -> int:
+    """A validated duration in milliseconds (validate.duration_seconds rounds "200ms" up)."""
+    if duration.endswith("ms"):
+        return int(duration[:-2])
+    return v.duration_seconds(duration) * 1000
 
 
 _POSITIVE = {("database", "pool_size"), ("database", "max_client_conn"), ("releases", "keep")}
@@ -176,6 +281,7 @@ def _cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str]) -> list[
             errors.append(
                 f"{where(('nginx', 'rate_limit_exempt'))}: {addr!r} is not an address or subnet"
             )
+    errors.extend(_watchdog_cross_checks(cfg, where))
     return errors
 
 

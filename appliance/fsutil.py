@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,20 +82,27 @@ def atomic_symlink(target: str | Path, link: Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive flock for a mutation; refuse at once if another holds it."""
+def locked(lock_path: Path, what: str, *, wait: float = 0) -> Iterator[None]:
+    """Hold an exclusive flock for a mutation; refuse if another holds it (after `wait`
+    seconds)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
                 raise LockedError(
                     f"another {what} is in progress (lock {lock_path} is held)",
                     hint="wait for it to finish; `aipbxctl status` shows what runs",
                 ) from e
-            raise
         yield
     finally:
         os.close(fd)

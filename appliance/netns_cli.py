@@ -14,10 +14,11 @@ from pathlib import Path
 
 from appliance import config as config_mod
 from appliance import log as logmod
-from appliance import netns, nft, state
+from appliance import netns, reconcile
 from appliance.colors import color_net, parse_color
 from appliance.errors import AipbxError
 from appliance.paths import Paths
+from appliance.services import SystemdServices
 
 log = logging.getLogger("aipbx.netns")
 
@@ -42,8 +43,10 @@ def main(argv: Sequence[str]) -> int:
                 )
                 return 2
             steps = netns.up(net, peer_netns=pid)
-            live = state.load(paths.state).live_color
-            nft.apply(nft.render(cfg, live), host=netns.HOST_FROM_COLOR)
+            for change in reconcile.network(
+                paths, cfg, SystemdServices(), host=netns.HOST_FROM_COLOR
+            ):
+                log.info("reconciled: %s", change, extra={"fields": {"action": "reconcile"}})
         else:
             steps = netns.down(net)
     except (AipbxError, ValueError) as e:

@@ -129,6 +129,24 @@ def _put(files: dict[Path, str]) -> bool:
     return changed
 
 
+def test_candidates(paths: Paths, *, site: str, main: str, upstream: str) -> bool:
+    """nginx -t the candidate files without putting them in place. False when nginx.conf
+    was changed by an admin and the candidates cannot be tested beside it."""
+    with tempfile.TemporaryDirectory(prefix="aipbx-nginx-") as tmp:
+        t = Path(tmp)
+        cand_site, cand_main, cand_up = t / "aipbx.conf", t / "main.conf", t / "upstream.conf"
+        cand_up.write_text(upstream)
+        cand_site.write_text(site.replace(str(paths.nginx_upstream), str(cand_up)))
+        cand_main.write_text(main)
+        nginx_conf = (paths.root / NGINX_CONF.relative_to("/")).read_text()
+        test_conf = _test_main_conf(nginx_conf, paths, cand_site, cand_main)
+        if test_conf is None:
+            return False
+        (t / "nginx.conf").write_text(test_conf)
+        nginx_test(t / "nginx.conf")
+        return True
+
+
 def apply(
     paths: Paths,
     services: Services,
@@ -141,35 +159,35 @@ def apply(
     """Test the candidate files with nginx -t, put them in place atomically, reload nginx
     gracefully if anything changed and it runs. Returns whether anything changed."""
     files = {paths.nginx_upstream: upstream, paths.nginx_main_snippet: main, paths.nginx_site: site}
-    with tempfile.TemporaryDirectory(prefix="aipbx-nginx-") as tmp:
-        t = Path(tmp)
-        cand_site, cand_main, cand_up = t / "aipbx.conf", t / "main.conf", t / "upstream.conf"
-        cand_up.write_text(upstream)
-        cand_site.write_text(site.replace(str(paths.nginx_upstream), str(cand_up)))
-        cand_main.write_text(main)
-        nginx_conf = (paths.root / NGINX_CONF.relative_to("/")).read_text()
-        test_conf = _test_main_conf(nginx_conf, paths, cand_site, cand_main)
-        if test_conf is not None:
-            (t / "nginx.conf").write_text(test_conf)
-            nginx_test(t / "nginx.conf")
-            changed = _put(files)
-        else:
-            # nginx.conf was changed by an admin: test in place and put the old files back
-            # if nginx refuses the new ones, before anything reloads.
-            before = {p: p.read_text() if p.exists() else None for p in files}
-            changed = _put(files)
-            try:
-                nginx_test()
-            except NginxConfigError:
-                for p, old in before.items():
-                    if old is None:
-                        p.unlink(missing_ok=True)
-                    else:
-                        write_if_changed(p, old)
-                raise
+    if test_candidates(paths, site=site, main=main, upstream=upstream):
+        changed = _put(files)
+    else:
+        # nginx.conf was changed by an admin: test in place and put the old files back
+        # if nginx refuses the new ones, before anything reloads.
+        before = {p: p.read_text() if p.exists() else None for p in files}
+        changed = _put(files)
+        try:
+            nginx_test()
+        except NginxConfigError:
+            for p, old in before.items():
+                if old is None:
+                    p.unlink(missing_ok=True)
+                else:
+                    write_if_changed(p, old)
+            raise
     if changed and reload:
-        if services.is_active("nginx.service"):
-            services.reload("nginx.service")
-        else:
-            services.start("nginx.service")
+        reload_nginx(services)
     return changed
+
+
+def reload_nginx(services: Services) -> None:
+    """Graceful: new workers take new connections, old ones finish theirs (WebSockets up to
+    worker_shutdown_timeout)."""
+    if services.is_active("nginx.service"):
+        services.reload("nginx.service")
+    else:
+        services.start("nginx.service")
+
+
+def current_site(paths: Paths) -> tuple[str, str]:
+    return paths.nginx_site.read_text(), paths.nginx_main_snippet.read_text()

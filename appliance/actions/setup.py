@@ -142,11 +142,12 @@ CPUQuota={cfg.backend.cpu_quota}
 
 
 def ensure_state(paths: Paths, version: str) -> list[str]:
+    existed = paths.state.exists()
     current = state.load(paths.state)
-    if paths.state.exists() and current.setup_version == version:
+    if existed and current.setup_version == version:
         return []
-    state.save(paths.state, state.State(current.live_color, current.colors, version))
-    return [] if paths.state.exists() and current.setup_version else [f"created {paths.state}"]
+    state.save(paths.state, current.with_(setup_version=version))
+    return [f"recorded setup of version {version} in {paths.state}"]
 
 
 def install_defaults(paths: Paths, services: Services) -> Report:

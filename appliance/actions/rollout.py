@@ -1,0 +1,119 @@
+"""`aipbxctl upgrade`, `rollback`, `release pack`, `releases`, `reconcile`: orchestration
+only; the state machine is appliance.upgrade."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance import config as config_mod
+from appliance import reconcile, releases, state, upgrade, validate
+from appliance.colors import Color
+from appliance.errors import AipbxError, UsageError
+from appliance.fsutil import locked
+from appliance.log import audit
+from appliance.paths import Paths
+from appliance.release.pack import pack
+from appliance.services import Services
+
+
+def options(cfg: config_mod.Config, a: dict[str, Any]) -> upgrade.Options:
+    probation = a["probation"]
+    if probation is None:
+        probation = validate.duration_seconds(cfg.upgrade.probation)
+    drain = a["drain"]
+    if drain is None:
+        drain = validate.duration_seconds(cfg.upgrade.drain)
+    if probation < 0 or drain < 0:
+        raise UsageError("--probation and --drain take seconds >= 0")
+    return upgrade.Options(
+        probation_s=float(probation), drain_s=float(drain), health_timeout_s=a["health_timeout"]
+    )
+
+
+def _confirm(what: str, yes: bool) -> None:
+    if yes or not sys.stdin.isatty():
+        return
+    if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was changed")
+
+
+def run_rollout(paths: Paths, services: Services, a: dict[str, Any], verb: str) -> dict[str, Any]:
+    cfg = config_mod.load(paths.config)
+    opts = options(cfg, a)
+    out = (lambda _s: None) if a["json"] else (lambda s: print(s, flush=True))
+    tl = upgrade.Timeline(out=out)
+    ctx = upgrade.Ctx(paths, cfg, services, tl)
+    target = a.get("artifact") or a.get("to") or "previous"
+    _confirm(f"{verb} to {target}", a["yes"])
+    before = state.load(paths.state).live_release()
+    with locked(paths.lock, "upgrade or rollback"):
+        try:
+            if verb == "upgrade":
+                figures = upgrade.upgrade(ctx, Path(a["artifact"]), opts)
+            else:
+                figures = upgrade.rollback(ctx, a["to"], opts)
+        except AipbxError as e:
+            audit(verb, "failed", target=target, from_release=before, error=e.message)
+            if a["json"]:
+                failed = {"ok": False, "error": e.message, "steps": tl.steps, **tl.figures}
+                print(json.dumps(failed, indent=2, sort_keys=True))
+            raise
+    drain_color = figures.pop("drain_color", None)
+    if drain_color:
+        figures["old_color"] = upgrade.drain_and_stop(ctx, Color(drain_color), opts.drain_s)
+    figures["upgrade_s"] = round(tl.steps[-1]["elapsed_s"], 2) if tl.steps else 0.0
+    audit(verb, "ok", target=target, from_release=before, to_release=figures.get("release"))
+    return {"ok": True, "steps": tl.steps, **figures}
+
+
+def release_pack(a: dict[str, Any]) -> Path:
+    return pack(
+        Path(a["dir"]),
+        Path(a["out"]),
+        name=a["name"],
+        version=a["release_version"],
+        kind=a["kind"],
+        command=shlex.split(a["release_cmd"]) if a["release_cmd"] else None,
+        migrate=shlex.split(a["migrate"]) if a["migrate"] else None,
+        runtime=a["runtime"],
+    )
+
+
+def list_releases(paths: Paths) -> dict[str, Any]:
+    st = state.load(paths.state)
+    by_release: dict[str, list[str]] = {}
+    for color, dirname in st.colors.items():
+        by_release.setdefault(dirname, []).append(color)
+    rows = []
+    for r in releases.installed(paths):
+        rows.append(
+            {
+                "release": r.dirname,
+                "name": r.manifest.name,
+                "version": r.manifest.version,
+                "kind": str(r.manifest.kind),
+                "colors": sorted(by_release.get(r.dirname, [])),
+                "live": r.dirname == st.live_release() or r.dirname == st.frontend,
+            }
+        )
+    return {"live_color": str(st.live_color) if st.live_color else None, "releases": rows}
+
+
+def format_releases(data: dict[str, Any]) -> str:
+    lines = [f"{'RELEASE':40} {'KIND':9} {'COLORS':12} LIVE"]
+    for r in data["releases"]:
+        lines.append(
+            f"{r['release']:40} {r['kind']:9} {','.join(r['colors']) or '-':12} "
+            f"{'yes' if r['live'] else ''}"
+        )
+    return "\\n".join(lines) if data["releases"] else "no releases installed"
+
+
+def run_reconcile(paths: Paths, services: Services) -> list[str]:
+    cfg = config_mod.load(paths.config)
+    with locked(paths.lock, "change"):
+        return reconcile.network(paths, cfg, services) + reconcile.units(paths, services)

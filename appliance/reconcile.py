@@ -1,0 +1,54 @@
+"""Bring nginx's upstream and the nft table in line with state.json (at boot, from
+aipbx-netns@'s ExecStartPost, and by `aipbxctl reconcile`): a power cut in the middle of a
+switch heals itself, since state.json says what is live."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from appliance import nft, nginx, state
+from appliance.config import Config
+from appliance.fsutil import write_if_changed
+from appliance.paths import Paths
+from appliance.services import Services, systemd_is_running
+
+
+def network(
+    paths: Paths, cfg: Config, services: Services, *, host: Sequence[str] = ()
+) -> list[str]:
+    st = state.load(paths.state)
+    changes = []
+    if paths.nginx_site.exists() and write_if_changed(
+        paths.nginx_upstream, nginx.render_upstream(cfg, st.live_color)
+    ):
+        changes.append(f"nginx upstream set to {st.live_color or 'none'}")
+        if systemd_is_running() and services.is_active("nginx.service"):
+            nginx.nginx_test()
+            services.reload("nginx.service")
+    nft.apply(nft.render(cfg, st.live_color), host=host)
+    return changes
+
+
+def units(paths: Paths, services: Services) -> list[str]:
+    """The live color's backend runs and is enabled (so boot brings it up); a color that is
+    neither live nor draining is stopped and disabled."""
+    st = state.load(paths.state)
+    changes = []
+    for color in ("blue", "green"):
+        unit = f"aipbx-backend@{color}.service"
+        s = services.state(unit)
+        if st.live_color is not None and color == str(st.live_color):
+            if s.enabled != "enabled":
+                services.enable(unit)
+                changes.append(f"enabled {unit}")
+            if s.active != "active":
+                services.start(unit)
+                changes.append(f"started {unit}")
+        elif st.draining is None or color != str(st.draining.color):
+            if s.active in ("active", "activating", "failed"):
+                services.stop(unit)
+                changes.append(f"stopped {unit}")
+            if s.enabled == "enabled":
+                services.disable(unit)
+                changes.append(f"disabled {unit}")
+    return changes

@@ -1,0 +1,346 @@
+"""The blue/green upgrade (DESIGN decision 7) and rollback (decision 8): a health-gated state
+machine, one at a time (the mutation lock), every step logged with its elapsed time.
+
+verify -> unpack -> backup (when it migrates) -> migrate -> start the idle color -> wait
+healthy -> switch -> probation (a failure switches back) -> drain -> stop the old color -> gc.
+A failure before the switch leaves the live color untouched; state.json is written at each
+step that changes what is live, so a power cut mid-way is healed at boot."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from appliance import drain as drain_mod
+from appliance import health, releases, state, switch
+from appliance.colors import Color, color_net
+from appliance.config import Config
+from appliance.errors import AipbxError, UsageError
+from appliance.fsutil import atomic_symlink, locked
+from appliance.paths import Paths
+from appliance.release.manifest import Kind
+from appliance.services import Services
+
+log = logging.getLogger("aipbx.upgrade")
+
+
+class Step(StrEnum):
+    VERIFY = "verify"
+    UNPACK = "unpack"
+    BACKUP = "backup"
+    MIGRATE = "migrate"
+    START = "start"
+    HEALTH = "health"
+    SWITCH = "switch"
+    PROBATION = "probation"
+    DRAIN = "drain"
+    STOP_OLD = "stop-old"
+    GC = "gc"
+    DONE = "done"
+
+
+class UpgradeFailed(AipbxError):
+    """The new release was refused; what runs was left (or put back) as it was."""
+
+
+@dataclass
+class Timeline:
+    """What happened, step by step, for the operator and --json."""
+
+    out: Callable[[str], None] = print
+    t0: float = field(default_factory=time.monotonic)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, step: Step, detail: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        self.steps.append({"step": str(step), "elapsed_s": round(elapsed, 3), "detail": detail})
+        self.out(f"[{elapsed:7.2f}s] {step}: {detail}")
+        log.info("%s: %s", step, detail, extra={"fields": {"step": step, "action": "upgrade"}})
+
+
+@dataclass(frozen=True)
+class Options:
+    probation_s: float
+    drain_s: float
+    health_timeout_s: float | None = None  # None: the manifest's
+
+
+def unit(color: Color) -> str:
+    return f"aipbx-backend@{color}.service"
+
+
+@dataclass
+class Ctx:
+    paths: Paths
+    cfg: Config
+    services: Services
+    tl: Timeline
+
+    def save(self, st: state.State) -> state.State:
+        state.save(self.paths.state, st)
+        return st
+
+    def load(self) -> state.State:
+        return state.load(self.paths.state)
+
+
+# --- pieces --------------------------------------------------------------------------
+
+
+def _free_idle_color(ctx: Ctx, st: state.State) -> Color:
+    """The color to deploy on: the one not live. If it still drains a previous release it
+    may be stopped only when nothing uses it any more."""
+    idle = st.live_color.other if st.live_color else Color.BLUE
+    if ctx.services.is_active(unit(idle)):
+        use = drain_mod.usage(ctx.cfg, idle)
+        if not use.idle:
+            raise UsageError(
+                f"{idle} still serves {use.ws} WebSocket connection(s) and {use.udp_flows} "
+                f"call flow(s) of the previous release",
+                hint="wait for them to end (`aipbxctl status`), or roll back to it",
+            )
+        ctx.services.stop(unit(idle))
+        ctx.tl.step(Step.STOP_OLD, f"stopped {idle}: it was drained")
+    if st.draining and st.draining.color == idle:
+        ctx.save(st.with_(draining=None))
+    return idle
+
+
+def _start_and_gate(ctx: Ctx, color: Color, rel: releases.Installed, opts: Options) -> None:
+    atomic_symlink(Path("..") / "releases" / rel.dirname, ctx.paths.colors / str(color))
+    st = ctx.load()
+    ctx.save(st.with_(colors={**st.colors, str(color): rel.dirname}, upgrading=rel.dirname))
+    ctx.services.restart(unit(color))
+    ctx.tl.step(Step.START, f"{rel.dirname} started on {color}")
+    net = color_net(ctx.cfg.network.subnet, color)
+    hc = rel.manifest.health
+    timeout = opts.health_timeout_s or float(hc.timeout_s)
+    ok, detail = health.wait_healthy(
+        net.ns_addr,
+        ctx.cfg.backend.http_port,
+        ctx.cfg.backend.ws_port,
+        hc.http_path,
+        hc.ws_path,
+        timeout,
+        alive=lambda: ctx.services.state(unit(color)).active in ("active", "activating"),
+    )
+    if not ok:
+        ctx.services.stop(unit(color))
+        st = ctx.load()
+        ctx.save(st.with_(upgrading=""))
+        ctx.tl.step(Step.HEALTH, f"FAILED: {detail}; {color} stopped, nothing switched")
+        raise UpgradeFailed(
+            f"{rel.dirname} never became healthy on {color}: {detail}",
+            hint="the live color is untouched; `aipbxctl logs backend` shows why",
+        )
+    ctx.tl.step(Step.HEALTH, f"{color} healthy ({detail})")
+
+
+def _switch_to(ctx: Ctx, color: Color | None, *, why: str) -> float:
+    prepared = switch.prepare(ctx.paths, ctx.cfg, color)
+    st = ctx.load()
+    ms = switch.execute(ctx.paths, ctx.services, prepared)
+    ctx.save(st.with_(live_color=color, previous_color=st.live_color))
+    ctx.tl.step(Step.SWITCH, f"{why}: live color is now {color} ({ms:.1f} ms)")
+    return ms
+
+
+def _probation(ctx: Ctx, color: Color, seconds: float, *, failures_to_fail: int = 3) -> str | None:
+    """None if the color stayed healthy for `seconds`, else what went wrong."""
+    net = color_net(ctx.cfg.network.subnet, color)
+    deadline = time.monotonic() + seconds
+    failures = 0
+    while time.monotonic() < deadline:
+        p = health.http_probe(net.ns_addr, ctx.cfg.backend.http_port, "/api")
+        failures = 0 if p.ok else failures + 1
+        if failures >= failures_to_fail:
+            return f"{failures} health checks failed in a row ({p.detail})"
+        if not ctx.services.is_active(unit(color)):
+            return "the backend unit stopped"
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    return None
+
+
+def drain_and_stop(ctx: Ctx, color: Color, drain_s: float) -> str:
+    """Wait until nothing uses `color` or the deadline passes, then stop it. Runs without
+    the mutation lock (a rollback may switch back to `color` meanwhile: then it is live
+    again and this returns without stopping it); takes the lock for the stop itself."""
+    deadline = time.time() + drain_s
+    st = ctx.load()
+    ctx.save(st.with_(draining=state.Draining(color, deadline)))
+    last_report = time.monotonic()
+    while True:
+        st = ctx.load()
+        if st.live_color == color or st.draining is None or st.draining.color != color:
+            ctx.tl.step(Step.DRAIN, f"{color} is live again (rolled back): not stopped")
+            return "rolled-back"
+        use = drain_mod.usage(ctx.cfg, color)
+        if use.idle:
+            ctx.tl.step(Step.DRAIN, f"{color} drained")
+            break
+        if time.time() >= deadline:
+            ctx.tl.step(
+                Step.DRAIN,
+                f"deadline: {use.ws} WebSocket(s) and {use.udp_flows} "
+                f"call flow(s) still on {color} are cut",
+            )
+            break
+        if time.monotonic() - last_report >= 10:
+            ctx.tl.step(
+                Step.DRAIN,
+                f"{color} still has {use.ws} WebSocket(s) and "
+                f"{use.udp_flows} call flow(s); waiting up to "
+                f"{deadline - time.time():.0f}s",
+            )
+            last_report = time.monotonic()
+        time.sleep(1)
+    with locked(ctx.paths.lock, "change", wait=600):
+        st = ctx.load()
+        if st.live_color == color:
+            ctx.tl.step(Step.DRAIN, f"{color} is live again (rolled back): not stopped")
+            return "rolled-back"
+        ctx.services.stop(unit(color))
+        ctx.services.disable(unit(color))
+        ctx.save(st.with_(draining=None, upgrading=""))
+        ctx.tl.step(Step.STOP_OLD, f"{color} stopped")
+        _gc(ctx)
+    return "stopped"
+
+
+def _gc(ctx: Ctx) -> None:
+    st = ctx.load()
+    in_use = set(st.colors.values()) | ({st.frontend} if st.frontend else set())
+    removed = releases.gc(ctx.paths, ctx.cfg.releases.keep, in_use)
+    ctx.tl.step(Step.GC, f"removed {', '.join(removed)}" if removed else "nothing to remove")
+
+
+# --- the verbs -----------------------------------------------------------------------
+
+
+def deploy(ctx: Ctx, rel: releases.Installed, opts: Options) -> dict[str, Any]:
+    """Roll an installed backend release out to the idle color and switch to it."""
+    st = ctx.load()
+    old = st.live_color
+    idle = _free_idle_color(ctx, st)
+    _start_and_gate(ctx, idle, rel, opts)
+    ctx.services.enable(unit(idle))
+    switch_ms = _switch_to(ctx, idle, why="switch")
+    st = ctx.load()
+    ctx.save(st.with_(history=(*st.history, rel.dirname)))
+    try:
+        problem = _probation(ctx, idle, opts.probation_s)
+    except KeyboardInterrupt:
+        problem = "interrupted by the operator"
+    if problem:
+        back_ms = _switch_to(ctx, old, why=f"probation failed ({problem}), switched back")
+        ctx.services.stop(unit(idle))
+        ctx.services.disable(unit(idle))
+        st = ctx.load()
+        ctx.save(st.with_(upgrading="", previous_color=None))
+        log.critical(
+            "upgrade to %s failed in probation: %s; switched back to %s",
+            rel.dirname,
+            problem,
+            old,
+            extra={"fields": {"action": "auto-rollback"}},
+        )
+        ctx.tl.figures.update(switch_ms=switch_ms, rollback_ms=back_ms)
+        raise UpgradeFailed(
+            f"{rel.dirname} failed probation on {idle}: {problem}; " f"switched back to {old}",
+            hint="`aipbxctl logs backend`",
+        )
+    ctx.tl.step(Step.PROBATION, f"{idle} healthy for {opts.probation_s:.0f}s")
+    st = ctx.load()
+    if old is None:
+        ctx.save(st.with_(upgrading=""))
+        _gc(ctx)
+    else:  # drained by the caller, outside the lock
+        ctx.save(st.with_(draining=state.Draining(old, time.time() + opts.drain_s)))
+    ctx.tl.figures.update(
+        switch_ms=round(switch_ms, 1),
+        color=str(idle),
+        release=rel.dirname,
+        drain_color=str(old) if old else None,
+    )
+    return ctx.tl.figures
+
+
+def deploy_frontend(ctx: Ctx, rel: releases.Installed) -> dict[str, Any]:
+    t0 = time.monotonic()
+    atomic_symlink(Path("..") / "releases" / rel.dirname, ctx.paths.frontend / "current")
+    ms = (time.monotonic() - t0) * 1000
+    st = ctx.load()
+    ctx.save(st.with_(frontend=rel.dirname))
+    ctx.tl.step(Step.SWITCH, f"frontend is now {rel.dirname} ({ms:.1f} ms)")
+    _gc(ctx)
+    ctx.tl.figures.update(switch_ms=round(ms, 1), release=rel.dirname, kind="frontend")
+    return ctx.tl.figures
+
+
+def upgrade(ctx: Ctx, artifact: Path, opts: Options) -> dict[str, Any]:
+    from appliance.release.checksum import verify
+
+    digest = verify(artifact)
+    ctx.tl.step(Step.VERIFY, f"sha256 {digest[:16]}… ok")
+    rel = releases.install(ctx.paths, ctx.cfg, artifact)
+    ctx.tl.step(Step.UNPACK, f"{rel.dirname} in {rel.path}")
+    if rel.manifest.kind is Kind.FRONTEND:
+        return deploy_frontend(ctx, rel)
+    if rel.manifest.migrate:
+        from appliance import migrate
+
+        backup = migrate.backup_before(ctx.paths, ctx.cfg, rel)
+        ctx.tl.step(Step.BACKUP, f"pre-upgrade backup {backup}")
+        migrate.run_migration(ctx.paths, ctx.cfg, rel, backup)
+        ctx.tl.step(Step.MIGRATE, "migration done")
+    return deploy(ctx, rel, opts)
+
+
+def rollback(ctx: Ctx, to: str | None, opts: Options) -> dict[str, Any]:
+    st = ctx.load()
+    if st.live_color is None:
+        raise UsageError("nothing is live: there is nothing to roll back")
+    prev = st.previous_color
+    target: releases.Installed | None = None
+    if to is not None:
+        target = releases.find(ctx.paths, to)
+    elif prev is not None and str(prev) in st.colors:
+        target = releases.get(ctx.paths, st.colors[str(prev)])
+    else:
+        earlier = [h for h in st.history if h != st.live_release()]
+        if not earlier:
+            raise UsageError(
+                "no earlier release to roll back to",
+                hint="`aipbxctl releases` lists what is installed",
+            )
+        target = releases.get(ctx.paths, earlier[-1])
+    current = st.live_color
+    # Instant: the previous color is still up (probation, drain) and runs the target.
+    if (
+        prev is not None
+        and st.colors.get(str(prev)) == target.dirname
+        and ctx.services.is_active(unit(prev))
+    ):
+        ctx.services.enable(unit(prev))
+        ms = _switch_to(ctx, prev, why="rollback (instant, the previous color was up)")
+        st = ctx.load()
+        ctx.save(st.with_(draining=state.Draining(current, time.time() + opts.drain_s)))
+        ctx.tl.figures.update(
+            rollback_ms=round(ms, 1),
+            release=target.dirname,
+            instant=True,
+            color=str(prev),
+            drain_color=str(current),
+        )
+        return ctx.tl.figures
+    ctx.tl.step(Step.START, f"{target.dirname} is not running: starting it on the idle color")
+    figures = deploy(ctx, target, opts)
+    figures["rollback_ms"] = figures.pop("switch_ms")
+    figures["instant"] = False
+    return figures
