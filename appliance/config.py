@@ -180,9 +180,10 @@ class Config:
 def _watchdog_cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str]) -> list[str]:
     w = cfg.watchdog
     errors: list[str] = []
-    if v.duration_seconds(w.interval) == 0 or v.duration_seconds(w.timeout) == 0:
-        errors.append(f"{where(('watchdog', 'interval'))}: watchdog.interval and timeout must be > 0")
-    if _ms(w.slow_threshold) >= _ms(w.timeout):
+    for key in ("interval", "timeout", "cooldown", "backoff_initial", "restart_window"):
+        if duration_ms(getattr(w, key)) == 0:
+            errors.append(f"{where(('watchdog', key))}: watchdog.{key} must be longer than 0")
+    if duration_ms(w.slow_threshold) >= duration_ms(w.timeout):
         errors.append(
             f"{where(('watchdog', 'slow_threshold'))}: watchdog.slow_threshold must be "
             "shorter than watchdog.timeout"
@@ -200,7 +201,7 @@ def _watchdog_cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str])
     return errors
 
 
-def _ms(duration: str) -> int:
+def duration_ms(duration: str) -> int:
     """A validated duration in milliseconds (validate.duration_seconds rounds "200ms" up)."""
     if duration.endswith("ms"):
         return int(duration[:-2])
