@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.system.appliance import assert_no_failed_units, install
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
 
-DEB_IN = "/root/aipbx-appliance.deb"
 UNITS = (
     "aipbx.target",
     "aipbx-watchdog.service",
@@ -23,23 +22,6 @@ UNITS = (
     "aipbx-netns@.service",
     "aipbx-pgbouncer.service",
 )
-
-
-def install(machine: Machine, deb: Path) -> str:
-    shutil.copy(deb, machine.path("/root") / "aipbx-appliance.deb")
-    r = machine.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", DEB_IN],
-        env={"DEBIAN_FRONTEND": "noninteractive"},
-        timeout=300,
-    )
-    return r.stdout + r.stderr
-
-
-def assert_no_failed_units(machine: Machine) -> None:
-    failed = machine.run(["systemctl", "--failed", "--plain", "--no-legend"]).stdout.strip()
-    if failed:
-        journal = machine.run(["journalctl", "-n", "80", "--no-pager"]).stdout
-        raise AssertionError(f"failed units:\n{failed}\n{journal}")
 
 
 def curl_headers(machine: Machine, url: str) -> tuple[int, dict[str, str], str]:

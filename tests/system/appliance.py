@@ -1,0 +1,44 @@
+"""Steps the system tests share: install the .deb, set up, check for failed units."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tests.system.machine import Machine
+
+DEB_IN = "/root/aipbx-appliance.deb"
+
+
+def install(machine: Machine, deb: Path) -> str:
+    shutil.copy(deb, machine.path("/root") / "aipbx-appliance.deb")
+    r = machine.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", DEB_IN],
+        env={"DEBIAN_FRONTEND": "noninteractive"},
+        timeout=300,
+    )
+    return r.stdout + r.stderr
+
+
+def assert_no_failed_units(machine: Machine) -> None:
+    failed = machine.run(["systemctl", "--failed", "--plain", "--no-legend"]).stdout.strip()
+    if failed:
+        journal = machine.run(["journalctl", "-n", "80", "--no-pager"]).stdout
+        raise AssertionError(f"failed units:\n{failed}\n{journal}")
+
+
+def aipbxctl_json(
+    machine: Machine, *args: str, check: bool = True, timeout: float = 300
+) -> tuple[int, dict[str, Any]]:
+    r = machine.run(["aipbxctl", *args, "--json"], check=False, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"aipbxctl {' '.join(args)} exited {r.returncode}\n" f"{r.stdout}\n{r.stderr}"
+        )
+    try:
+        data = json.loads(r.stdout) if r.stdout.strip() else {}
+    except json.JSONDecodeError:
+        raise AssertionError(f"not JSON: {r.stdout}\n{r.stderr}") from None
+    return r.returncode, data
