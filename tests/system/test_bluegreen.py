@@ -66,7 +66,8 @@ def write_through_nginx(machine: Machine, wid: str) -> dict[str, Any]:
 
 def live_color(machine: Machine) -> str | None:
     st = json.loads(machine.run(["cat", "/var/lib/aipbx/state.json"]).stdout)
-    return st.get("live_color")
+    color = st.get("live_color")
+    return str(color) if color else None
 
 
 def wait_until(pred: Any, timeout: float, what: str) -> None:
@@ -150,9 +151,6 @@ def test_upgrade_pins_the_live_call_and_moves_new_calls(machine: Machine) -> Non
         assert step in steps, (step, steps)
     assert out["switch_ms"] < 5000
     assert api_version(machine) == "2.0.0"
-    assert (
-        api_version(machine, "https://127.0.0.1:443/api/") in ("2.0.0", "no version in ''") or True
-    )  # /api/ itself may be a 404 of the app
     assert write_through_nginx(machine, "after-upgrade")["version"] == "2.0.0"
     wait_until(lambda: machine.path("/root/probe.json").exists(), 60, "the UDP probe")
     probe = json.loads(machine.path("/root/probe.json").read_text())

@@ -26,7 +26,9 @@ def ask(s: socket.socket, seq: int) -> str | None:
         return None
 
 
-a, answers_a, answers_b = flow(), [], []
+a = flow()
+answers_a: list[list[object]] = []
+answers_b: list[list[object]] = []
 end = time.time() + seconds
 seq = 0
 while time.time() < end:
