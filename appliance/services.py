@@ -30,6 +30,7 @@ class Services(Protocol):
     def enable(self, unit: str, *, now: bool = False) -> None: ...
     def disable(self, unit: str, *, now: bool = False) -> None: ...
     def daemon_reload(self) -> None: ...
+    def reset_failed(self, unit: str) -> None: ...
 
 
 _PROPS = ("Id", "ActiveState", "SubState", "UnitFileState", "StateChangeTimestamp", "MainPID")
@@ -74,6 +75,9 @@ class SystemdServices:
 
     def daemon_reload(self) -> None:
         run(["systemctl", "daemon-reload"])
+
+    def reset_failed(self, unit: str) -> None:
+        run(["systemctl", "reset-failed", unit], check=False)
 
 
 def systemd_is_running() -> bool:

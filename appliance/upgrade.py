@@ -132,6 +132,7 @@ def _start_and_gate(ctx: Ctx, color: Color, rel: releases.Installed, opts: Optio
     )
     if not ok:
         ctx.services.stop(unit(color))
+        ctx.services.reset_failed(unit(color))  # refused, not an outage: no failed unit
         st = ctx.load()
         ctx.save(st.with_(upgrading=""))
         ctx.tl.step(Step.HEALTH, f"FAILED: {detail}; {color} stopped, nothing switched")
@@ -240,6 +241,7 @@ def deploy(ctx: Ctx, rel: releases.Installed, opts: Options) -> dict[str, Any]:
     if problem:
         back_ms = _switch_to(ctx, old, why=f"probation failed ({problem}), switched back")
         ctx.services.stop(unit(idle))
+        ctx.services.reset_failed(unit(idle))
         ctx.services.disable(unit(idle))
         st = ctx.load()
         ctx.save(st.with_(upgrading="", previous_color=None))

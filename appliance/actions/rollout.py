@@ -110,7 +110,7 @@ def format_releases(data: dict[str, Any]) -> str:
             f"{r['release']:40} {r['kind']:9} {','.join(r['colors']) or '-':12} "
             f"{'yes' if r['live'] else ''}"
         )
-    return "\\n".join(lines) if data["releases"] else "no releases installed"
+    return "\n".join(lines) if data["releases"] else "no releases installed"
 
 
 def run_reconcile(paths: Paths, services: Services) -> list[str]:

@@ -1,0 +1,266 @@
+"""The checks: what each one probes, how an answer is judged, and which unit it restarts.
+
+Every check runs under the configured timeout; an answer slower than `slow` is a WARNING.
+Checks of things that are not there yet (no live color, PgBouncer not set up) are IDLE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from appliance import cert
+from appliance.errors import AipbxError
+from appliance.services import Services
+from appliance.watchdog import probes
+from appliance.watchdog.backoff import Clock
+from appliance.watchdog.model import Result, Status
+from appliance.watchdog.settings import Settings
+
+log = logging.getLogger("aipbx.watchdog")
+
+BACKEND_HTTP = "backend_http"
+BACKEND_WS = "backend_ws"
+NGINX = "nginx"
+POSTGRESQL = "postgresql"
+PGBOUNCER = "pgbouncer"
+DISK = "disk"
+MEMORY = "memory"
+CERT = "cert"
+ALL_CHECKS = (BACKEND_HTTP, BACKEND_WS, NGINX, POSTGRESQL, PGBOUNCER, DISK, MEMORY, CERT)
+
+NGINX_UNIT = "nginx.service"
+POSTGRESQL_UNIT = "postgresql.service"
+PGBOUNCER_UNIT = "aipbx-pgbouncer.service"
+HTTP_PATH = "/api"
+T = TypeVar("T")
+WS_PATH = "/socket.io/?EIO=4&transport=websocket"
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where each check looks, as of now (the live color changes with upgrades)."""
+
+    color: str | None  # the live color; None: the backend checks are idle
+    backend_host: str
+    backend_unit: str
+    http_port: int
+    ws_port: int
+    nginx_port: int
+    postgres_port: int
+    pgbouncer_port: int
+    pgbouncer_set_up: bool
+    db_user: str
+    db_name: str
+    disk_paths: tuple[Path, ...]
+    cert: Path | None
+    host: str = "127.0.0.1"  # where nginx, PostgreSQL and PgBouncer answer
+
+
+def unit_of(check: str, t: Targets) -> str | None:
+    """The unit a check's breaker restarts (None: nothing to restart)."""
+    if check in (BACKEND_HTTP, BACKEND_WS):
+        return t.backend_unit if t.color else None
+    return {NGINX: NGINX_UNIT, POSTGRESQL: POSTGRESQL_UNIT, PGBOUNCER: PGBOUNCER_UNIT}.get(check)
+
+
+def target_of(check: str, t: Targets) -> str:
+    """What a check looks at; when it changes, the check starts afresh (a new breaker)."""
+    if check in (BACKEND_HTTP, BACKEND_WS):
+        return f"{t.color}@{t.backend_host}" if t.color else ""
+    return ""
+
+
+def judge_answer(latency: float, slow: float, detail: str) -> Result:
+    if latency > slow:
+        error = f"slow: answered in {latency:.2f} s (over {slow:g} s)"
+        return Result(Status.WARNING, latency, error, detail)
+    return Result(Status.OK, latency, "", detail)
+
+
+def disk_level(free_pct: float, warn_pct: int, crit_pct: int) -> Status:
+    if free_pct < crit_pct:
+        return Status.CRITICAL
+    if free_pct < warn_pct:
+        return Status.WARNING
+    return Status.OK
+
+
+def cert_level(days_left: int, warn_days: int, crit_days: int) -> Status:
+    if days_left <= crit_days:
+        return Status.CRITICAL
+    if days_left <= warn_days:
+        return Status.WARNING
+    return Status.OK
+
+
+def describe(e: BaseException) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, asyncio.IncompleteReadError):
+        return "closed the connection without answering"
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    return str(e) or type(e).__name__
+
+
+class UnitWatch:
+    """Whether a unit is active, asked of systemd at most every `ttl` seconds in a thread,
+    so a check never waits for systemctl (nor spawns one every interval)."""
+
+    def __init__(self, services: Services, ttl: float, clock: Clock) -> None:
+        self.services = services
+        self.ttl = ttl
+        self.clock = clock
+        self._known: dict[str, tuple[bool, float]] = {}
+        self._asking: dict[str, asyncio.Task[None]] = {}
+
+    def active(self, unit: str) -> bool | None:
+        """The last answer (None: not known yet); refreshed in the background when old."""
+        known = self._known.get(unit)
+        if (known is None or self.clock() - known[1] >= self.ttl) and unit not in self._asking:
+            self._asking[unit] = asyncio.create_task(self._ask(unit))
+        return known[0] if known else None
+
+    async def _ask(self, unit: str) -> None:
+        try:
+            self._known[unit] = (await asyncio.to_thread(self.services.is_active, unit), self.clock())
+        except Exception as e:
+            log.warning("cannot ask systemd about %s: %s", unit, e)
+        finally:
+            del self._asking[unit]
+
+
+class CertWatch:
+    """The certificate's end date, read again (openssl, in a thread) only when the file
+    changes: renewals are noticed, and no process is spawned every interval."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, int, int, int] | None = None
+        self._info: cert.CertInfo | None = None
+
+    async def info(self, path: Path) -> cert.CertInfo:
+        st = path.stat()
+        key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._key or self._info is None:
+            self._info = await asyncio.to_thread(cert.info, path)
+            self._key = key
+        return self._info
+
+
+class Checks:
+    def __init__(self, settings: Settings, services: Services, clock: Clock) -> None:
+        self.s = settings
+        self.clock = clock
+        self.units = UnitWatch(services, ttl=max(10.0, settings.interval), clock=clock)
+        self.certs = CertWatch()
+        self._fns: dict[str, Callable[[Targets], Awaitable[Result]]] = {
+            BACKEND_HTTP: self.backend_http,
+            BACKEND_WS: self.backend_ws,
+            NGINX: self.nginx,
+            POSTGRESQL: self.postgresql,
+            PGBOUNCER: self.pgbouncer,
+            DISK: self.disk,
+            MEMORY: self.memory,
+            CERT: self.cert,
+        }
+
+    async def run(self, check: str, t: Targets) -> Result:
+        """One check, never raising, never longer than the timeout."""
+        start = self.clock()
+        try:
+            return await asyncio.wait_for(self._fns[check](t), self.s.timeout)
+        except TimeoutError:
+            error = f"no answer within {self.s.timeout:g} s"
+            return Result(Status.CRITICAL, self.clock() - start, error)
+        except (OSError, EOFError, probes.ProbeError, AipbxError) as e:
+            return Result(Status.CRITICAL, self.clock() - start, describe(e))
+        except Exception as e:  # a bug in a check must not stop the others
+            log.exception("check %s failed unexpectedly", check)
+            return Result(Status.CRITICAL, None, f"check failed: {type(e).__name__}: {e}")
+
+    async def _timed(self, probe: Awaitable[T]) -> tuple[T, float]:
+        start = self.clock()
+        seen = await probe
+        return seen, self.clock() - start
+
+    async def backend_http(self, t: Targets) -> Result:
+        if not t.color:
+            return Result(Status.IDLE, detail="no live color")
+        req = probes.get_request(t.backend_host, t.http_port, HTTP_PATH)
+        code, latency = await self._timed(probes.http_status(t.backend_host, t.http_port, req))
+        if code >= 500:
+            return Result(Status.CRITICAL, latency, f"GET {HTTP_PATH}: HTTP {code}")
+        return judge_answer(latency, self.s.slow, f"{t.color}: GET {HTTP_PATH}: HTTP {code}")
+
+    async def backend_ws(self, t: Targets) -> Result:
+        if not t.color:
+            return Result(Status.IDLE, detail="no live color")
+        req = probes.websocket_request(t.backend_host, t.ws_port, WS_PATH)
+        code, latency = await self._timed(probes.http_status(t.backend_host, t.ws_port, req))
+        if code != 101:
+            return Result(Status.CRITICAL, latency, f"WebSocket handshake: HTTP {code}, not 101")
+        return judge_answer(latency, self.s.slow, f"{t.color}: WebSocket handshake: 101")
+
+    async def nginx(self, t: Targets) -> Result:
+        active = self.units.active(NGINX_UNIT)
+        _, latency = await self._timed(probes.tcp_connect(t.host, t.nginx_port))
+        if active is False:
+            return Result(Status.CRITICAL, latency, f"{NGINX_UNIT} is not active")
+        return judge_answer(latency, self.s.slow, f"port {t.nginx_port} accepts connections")
+
+    async def _pg(self, host: str, port: int, t: Targets) -> Result:
+        probe = probes.pg_startup(host, port, t.db_user, t.db_name)
+        seen, latency = await self._timed(probe)
+        return judge_answer(latency, self.s.slow, f"port {port}: {seen}")
+
+    async def postgresql(self, t: Targets) -> Result:
+        return await self._pg(t.host, t.postgres_port, t)
+
+    async def pgbouncer(self, t: Targets) -> Result:
+        if not t.pgbouncer_set_up:
+            return Result(Status.IDLE, detail="not set up yet (aipbxctl setup)")
+        return await self._pg(t.host, t.pgbouncer_port, t)
+
+    async def disk(self, t: Targets) -> Result:
+        seen: list[tuple[float, str]] = []
+        for path in t.disk_paths:
+            try:
+                st = os.statvfs(path)
+            except FileNotFoundError:
+                continue
+            free = 100.0 * st.f_bavail / st.f_blocks if st.f_blocks else 100.0
+            seen.append((free, f"{path} {free:.0f}% free"))
+        if not seen:
+            return Result(Status.IDLE, detail="none of the watched directories exists")
+        status = max(
+            (disk_level(free, self.s.disk_warn_pct, self.s.disk_crit_pct) for free, _ in seen),
+            key=[Status.OK, Status.WARNING, Status.CRITICAL].index,
+        )
+        text = ", ".join(d for _, d in seen)
+        if status is Status.OK:
+            return Result(status, detail=text)
+        low = ", ".join(d for free, d in seen if free < self.s.disk_warn_pct)
+        return Result(status, error=f"low disk space: {low}", detail=text)
+
+    async def memory(self, t: Targets) -> Result:
+        import psutil  # here, so that importing this module stays cheap for aipbxctl
+
+        used = float(psutil.virtual_memory().percent)
+        text = f"{used:.0f}% of memory used"
+        if used > self.s.memory_warn_pct:
+            return Result(Status.WARNING, error=f"memory: {text}", detail=text)
+        return Result(Status.OK, detail=text)
+
+    async def cert(self, t: Targets) -> Result:
+        if t.cert is None or not t.cert.exists():
+            return Result(Status.CRITICAL, error=f"no TLS certificate at {t.cert}")
+        info = await self.certs.info(t.cert)
+        days = info.days_left()
+        status = cert_level(days, self.s.cert_warn_days, self.s.cert_crit_days)
+        text = f"{t.cert} expires in {days} days ({info.not_after})"
+        return Result(status, error="" if status is Status.OK else f"certificate {text}", detail=text)
