@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from appliance import __version__
+from appliance import __version__, netcheck
 from appliance import config as config_mod
 from appliance import log as logmod
 from appliance.actions import doctor, logs, rollout, setup, status
@@ -53,7 +53,7 @@ def _dispatch(args: object, paths: Paths) -> int:
         return ExitCode.OK
     if cmd == "config":
         target = Path(a["file"]) if a["file"] else paths.config
-        config_mod.load(target)
+        config_mod.check_host(config_mod.load(target), target, netcheck.host_routes())
         print(f"{target}: ok")
         return ExitCode.OK
     if cmd == "status":

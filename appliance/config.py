@@ -332,3 +332,17 @@ def load(path: Path) -> Config:
             f"{path}: not found", hint="reinstall aipbx-appliance to restore the default file"
         ) from None
     return parse(text, str(path))
+
+
+def check_host(cfg: Config, path: Path, routes: list[dict[str, Any]]) -> None:
+    """The checks that need the host: the colors' subnet must not overlap a host route."""
+    from appliance.netcheck import clashes
+
+    found = clashes(cfg.network.subnet, routes)
+    if found:
+        line = line_of(key_lines(path.read_text()), ("network", "subnet")) if path.exists() else 1
+        raise ConfigError(
+            f"{path}:{line}: network.subnet {cfg.network.subnet} overlaps the host's route "
+            f"{', '.join(found)}",
+            hint="choose another private subnet in [network] subnet",
+        )

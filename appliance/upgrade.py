@@ -59,8 +59,14 @@ class Timeline:
 
     def step(self, step: Step, detail: str) -> None:
         elapsed = time.monotonic() - self.t0
-        self.steps.append({"step": str(step), "elapsed_s": round(elapsed, 3), "detail": detail,
-                           "at": round(time.time(), 3)})
+        self.steps.append(
+            {
+                "step": str(step),
+                "elapsed_s": round(elapsed, 3),
+                "detail": detail,
+                "at": round(time.time(), 3),
+            }
+        )
         self.out(f"[{elapsed:7.2f}s] {step}: {detail}")
         log.info("%s: %s", step, detail, extra={"fields": {"step": step, "action": "upgrade"}})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pwd
 from dataclasses import dataclass, field
 
-from appliance import cert, conffile, database, nginx, pgbouncer, secrets, state
+from appliance import cert, conffile, database, netcheck, nginx, pgbouncer, secrets, state
 from appliance import config as config_mod
 from appliance.colors import Color, color_net
 from appliance.config import Config
@@ -176,6 +176,7 @@ def setup(
     with locked(paths.lock, "change"):
         report.add(apply_site_options(paths, domain, email, public_ip))
         cfg = config_mod.load(paths.config)
+        config_mod.check_host(cfg, paths.config, netcheck.host_routes())
         values, changed = secrets.ensure(paths.secrets)
         if changed:
             report.add(f"wrote secrets to {paths.secrets} (0640 root:_aipbx)")

@@ -1,10 +1,14 @@
-"""`aipbxctl status [--json]`: each service's state, the live color and what it runs."""
+"""`aipbxctl status [--json]`: each service's state, the live color and what it runs, and
+the watchdog's view of the appliance's health."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from dataclasses import asdict
 from typing import Any
 
+from appliance import config as config_mod
 from appliance import state
 from appliance.colors import Color
 from appliance.paths import Paths
@@ -26,6 +30,28 @@ def unit_names() -> list[str]:
     return names
 
 
+def health_url(paths: Paths) -> str:
+    """Where the watchdog serves /system-health, from aipbx.toml (defaults if unreadable)."""
+    try:
+        w = config_mod.load(paths.config).watchdog
+    except Exception:
+        w = config_mod.Watchdog()
+    host = "127.0.0.1" if w.api_bind in ("0.0.0.0", "::") else w.api_bind
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{w.api_port}/system-health"
+
+
+def fetch_health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The watchdog's /system-health, or None when it does not answer (best effort)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            data = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def collect(paths: Paths, services: Services) -> dict[str, Any]:
     st = state.load(paths.state)
     return {
@@ -33,7 +59,39 @@ def collect(paths: Paths, services: Services) -> dict[str, Any]:
         "colors": st.colors,
         "set_up": paths.secrets.exists(),
         "services": [asdict(services.state(u)) for u in unit_names()],
+        "health": fetch_health(health_url(paths)),
     }
+
+
+def format_health(health: dict[str, Any] | None) -> list[str]:
+    if health is None:
+        return ["health:     unknown (the watchdog's /system-health does not answer)"]
+    lines = [f"health:     {health.get('status', '?')} (as the watchdog sees it)", ""]
+    lines.append(f"{'CHECK':14} {'STATE':9} {'BREAKER':10} {'LATENCY':>9}  ERROR")
+    for name, c in (health.get("checks") or {}).items():
+        ms = c.get("latency_ms")
+        latency = "-" if ms is None else f"{ms:.0f} ms"
+        lines.append(
+            f"{name:14} {c.get('state', '?'):9} {c.get('breaker', '?'):10} {latency:>9}  "
+            f"{c.get('error') or ''}"
+        )
+    restarted = [
+        f"{unit} {r.get('total', 0)}" + (" (budget exhausted)" if r.get("exhausted") else "")
+        for unit, r in (health.get("restarts") or {}).items()
+        if r.get("total") or r.get("exhausted")
+    ]
+    lines.append(f"restarts:   {', '.join(restarted) if restarted else 'none'}")
+    channels = []
+    for name, a in (health.get("alerts") or {}).items():
+        if a.get("enabled"):
+            channels.append(
+                f"{name} on (sent {a.get('sent', 0)}, queued {a.get('queued', 0)}, "
+                f"failed {a.get('failed', 0)})"
+            )
+        else:
+            channels.append(f"{name} off ({a.get('reason', '')})")
+    lines.append(f"alerts:     {'; '.join(channels) if channels else 'none'}")
+    return lines
 
 
 def format_text(data: dict[str, Any]) -> str:
@@ -49,4 +107,6 @@ def format_text(data: dict[str, Any]) -> str:
         lines.append(
             f"{s['name']:34} {s['active'] + '/' + s['sub']:20} {s['enabled']:10} " f"{s['since']}"
         )
+    lines.append("")
+    lines.extend(format_health(data.get("health")))
     return "\n".join(lines)

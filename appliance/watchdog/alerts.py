@@ -156,7 +156,7 @@ class Outbox:
             return None
         self._refill(now)
         at = max(now, self.retry_at)
-        if self.tokens < 1:
+        if self.tokens < 1 - 1e-9:  # float rounding of the refill must not cost a second
             at = max(at, now + (1 - self.tokens) * 60.0 / self.rate_per_min)
         return at
 

@@ -40,9 +40,8 @@ def make_app(health: Callable[[], dict[str, Any]], *, loopback_only: bool) -> we
         return web.Response(text=body, content_type="application/json")
 
     async def prometheus(request: web.Request) -> web.Response:
-        resp = web.Response(text=metrics.render(health()))
-        resp.headers["Content-Type"] = metrics.CONTENT_TYPE
-        return resp
+        body = metrics.render(health()).encode()
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
     app = web.Application(middlewares=[loopback_guard])
     app.router.add_get("/system-health", system_health)
@@ -50,9 +49,7 @@ def make_app(health: Callable[[], dict[str, Any]], *, loopback_only: bool) -> we
     return app
 
 
-async def serve(
-    health: Callable[[], dict[str, Any]], bind: str, port: int
-) -> web.AppRunner:
+async def serve(health: Callable[[], dict[str, Any]], bind: str, port: int) -> web.AppRunner:
     """Start the API; the caller keeps the runner and calls `cleanup()` at the end."""
     app = make_app(health, loopback_only=is_loopback(bind))
     # No access log: a scrape every few seconds would flood the journal.

@@ -57,7 +57,10 @@ def payload(alert: Alert, host: str) -> dict[str, Any]:
 
 
 class Sender(Protocol):
-    secrets: tuple[str, ...]  # masked out of every error kept or logged
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Masked out of every error kept or logged."""
+        ...
 
     async def send(self, alert: Alert, host: str, timeout: float) -> None: ...
     async def close(self) -> None: ...
@@ -89,7 +92,7 @@ class Telegram(_Http):
         super().__init__()
         self.url = f"{base_url.rstrip('/')}/bot{token}/sendMessage"
         self.chat_id = chat_id
-        self.secrets = (token,)
+        self.secrets: tuple[str, ...] = (token,)
 
     async def send(self, alert: Alert, host: str, timeout: float) -> None:
         body = {"chat_id": self.chat_id, "text": message(alert, host)}
@@ -100,7 +103,7 @@ class Webhook(_Http):
     def __init__(self, url: str) -> None:
         super().__init__()
         self.url = url
-        self.secrets = ()
+        self.secrets: tuple[str, ...] = ()
 
     async def send(self, alert: Alert, host: str, timeout: float) -> None:
         await self.post_json(self.url, payload(alert, host), timeout)
@@ -244,7 +247,8 @@ class ChannelRunner:
                     await asyncio.wait_for(self._wake.wait(), wait)
                 continue
             try:
-                await asyncio.wait_for(self.sender.send(alert, self.host, self.timeout), self.timeout)
+                sending = self.sender.send(alert, self.host, self.timeout)
+                await asyncio.wait_for(sending, self.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -290,7 +294,8 @@ class Alerter:
         for c in channels:
             if c.sender is not None:
                 box = Outbox(capacity, rate_per_min, Backoff(backoff_initial, backoff_max))
-                self.runners[c.name] = ChannelRunner(c.name, c.sender, box, timeout, clock, self.host)
+                runner = ChannelRunner(c.name, c.sender, box, timeout, clock, self.host)
+                self.runners[c.name] = runner
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:

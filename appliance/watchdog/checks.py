@@ -128,7 +128,8 @@ class UnitWatch:
 
     async def _ask(self, unit: str) -> None:
         try:
-            self._known[unit] = (await asyncio.to_thread(self.services.is_active, unit), self.clock())
+            active = await asyncio.to_thread(self.services.is_active, unit)
+            self._known[unit] = (active, self.clock())
         except Exception as e:
             log.warning("cannot ask systemd about %s: %s", unit, e)
         finally:
@@ -263,4 +264,5 @@ class Checks:
         days = info.days_left()
         status = cert_level(days, self.s.cert_warn_days, self.s.cert_crit_days)
         text = f"{t.cert} expires in {days} days ({info.not_after})"
-        return Result(status, error="" if status is Status.OK else f"certificate {text}", detail=text)
+        error = "" if status is Status.OK else f"certificate {text}"
+        return Result(status, error=error, detail=text)

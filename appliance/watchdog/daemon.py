@@ -1,22 +1,38 @@
-"""The watchdog's event loop: asyncio on uvloop, Type=notify. The systemd watchdog is pinged
-from the same loop that does the work, so a stuck loop gets the daemon killed and restarted.
-The checks, breakers and alerts join this loop in the watchdog issue; today it reports
-READY, a STATUS line with the live color, and pings."""
+"""The watchdog's event loop: asyncio on uvloop, Type=notify.
+
+One coroutine schedules the rounds of checks and pings systemd's watchdog (WatchdogSec=):
+after each round, while it sleeps between rounds, and while a round is under way but only
+until the round's deadline (timeout + grace). A loop that is stuck (a blocking call, a
+round that never ends) stops pinging, and systemd kills and restarts the daemon."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
+from appliance import config as config_mod
 from appliance import log as logmod
-from appliance import state
+from appliance import secrets as secrets_mod
+from appliance.errors import ConfigError
 from appliance.paths import Paths
+from appliance.watchdog.backoff import Clock
+from appliance.watchdog.monitor import Monitor
+from appliance.watchdog.settings import Settings, from_config, seconds
 
 log = logging.getLogger("aipbx.watchdog")
+
+# How long past its timeout a round may run before the loop counts as stuck.
+ROUND_GRACE = 5.0
 
 
 class Notifier:
@@ -40,37 +56,168 @@ def ping_interval() -> float:
     return int(usec) / 2e6 if usec and usec.isdigit() else 5.0
 
 
-async def run(paths: Paths, notifier: Notifier, stop: asyncio.Event) -> None:
-    interval = ping_interval()
-    notifier.notify("READY=1")
-    log.info("watchdog started", extra={"fields": {"action": "start"}})
+def status_line(health: dict[str, Any]) -> str:
+    counts = Counter(c["state"] for c in health["checks"].values())
+    parts = [f"{counts[s]} {s}" for s in ("ok", "warning", "critical", "idle") if counts[s]]
+    return f"live color {health['live_color'] or 'none'}; checks: {', '.join(parts)}"
+
+
+async def _round(monitor: Monitor, timeout: float, notifier: Notifier, clock: Clock) -> None:
+    task = asyncio.create_task(monitor.round())
+    deadline = clock() + timeout + ROUND_GRACE
+    said = False
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=min(ping_interval(), timeout + 1))
+        if done:
+            break
+        if clock() < deadline:
+            notifier.notify("WATCHDOG=1")
+        elif not said:
+            said = True
+            log.critical(
+                "a round of checks is stuck; no longer pinging systemd, which will restart me",
+                extra={"fields": {"action": "stuck"}},
+            )
+    try:
+        task.result()
+    except Exception:  # a bug: keep supervising, the next round may do better
+        log.exception("a round of checks failed")
+
+
+async def supervise(
+    monitor: Monitor,
+    settings: Settings,
+    notifier: Notifier,
+    stop: asyncio.Event,
+    *,
+    clock: Clock = time.monotonic,
+) -> None:
+    next_round = clock()
     last_status = ""
     while not stop.is_set():
-        try:
-            live = state.load(paths.state).live_color
-            status = f"live color: {live or 'none'}"
-        except Exception as e:  # a broken state file must not stop the pings
-            status = f"state unreadable: {e}"
-        if status != last_status:
-            notifier.notify(f"STATUS={status}")
-            last_status = status
+        await _round(monitor, settings.timeout, notifier, clock)
         notifier.notify("WATCHDOG=1")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-    notifier.notify("STOPPING=1")
-    log.info("watchdog stopping", extra={"fields": {"action": "stop"}})
+        line = status_line(monitor.snapshot())
+        if line != last_status:
+            notifier.notify(f"STATUS={line}")
+            last_status = line
+        next_round = max(next_round + settings.interval, clock())
+        while not stop.is_set() and (left := next_round - clock()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(left, ping_interval()))
+            notifier.notify("WATCHDOG=1")
+
+
+async def run(
+    monitor: Monitor,
+    settings: Settings,
+    notifier: Notifier,
+    stop: asyncio.Event,
+    *,
+    health: Callable[[], dict[str, Any]],
+    alerter: Any = None,
+    on_start: Callable[[], Coroutine[Any, Any, object]] | None = None,
+) -> None:
+    """Serve the API, start the alert channels and the start-up reconcile, then supervise
+    until `stop` is set."""
+    from appliance.watchdog import api
+
+    runner = None
+    try:
+        runner = await api.serve(health, settings.api_bind, settings.api_port)
+    except OSError as e:
+        log.critical(
+            "cannot serve /system-health on %s:%d: %s; checking on without it",
+            settings.api_bind,
+            settings.api_port,
+            e,
+            extra={"fields": {"action": "api"}},
+        )
+    if alerter is not None:
+        alerter.start()
+    started = asyncio.create_task(on_start()) if on_start else None
+    notifier.notify("READY=1")
+    log.info("watchdog started", extra={"fields": {"action": "start"}})
+    try:
+        await supervise(monitor, settings, notifier, stop)
+    finally:
+        notifier.notify("STOPPING=1")
+        log.info("watchdog stopping", extra={"fields": {"action": "stop"}})
+        if started is not None:
+            started.cancel()
+        if alerter is not None:
+            await alerter.close()
+        if runner is not None:
+            await runner.cleanup()
+
+
+def load_config(paths: Paths) -> config_mod.Config:
+    """A broken aipbx.toml must not leave the appliance unsupervised: run on defaults."""
+    try:
+        return config_mod.load(paths.config)
+    except ConfigError as e:
+        log.critical(
+            "%s; supervising with the defaults until it is fixed",
+            e.message.replace("\n", "; "),
+            extra={"fields": {"action": "config"}},
+        )
+        return config_mod.Config()
 
 
 async def _main(paths: Paths) -> None:
+    from appliance.services import SystemdServices
+    from appliance.watchdog import reconcile
+    from appliance.watchdog.channels import Alerter, configure
+    from appliance.watchdog.targets import LiveTargets
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run(paths, Notifier(), stop)
+    cfg = load_config(paths)
+    try:
+        secrets = secrets_mod.load(paths.secrets)
+    except OSError as e:
+        log.error("cannot read %s: %s; alerts that need it are off", paths.secrets, e)
+        secrets = {}
+    settings = from_config(cfg.watchdog)
+    channels = configure(cfg.alerts, secrets)
+    for c in channels:
+        if c.sender is None:
+            log.info("alert channel %s is off: %s", c.name, c.reason)
+    alerter = Alerter(
+        channels,
+        capacity=cfg.alerts.queue_size,
+        rate_per_min=cfg.alerts.rate_limit_per_min,
+        timeout=seconds(cfg.alerts.send_timeout),
+        backoff_initial=settings.backoff_initial,
+        backoff_max=settings.backoff_max,
+        clock=time.monotonic,
+    )
+    services = SystemdServices()
+    monitor = Monitor(settings, LiveTargets(cfg, paths), services, alerter)
+
+    def health() -> dict[str, Any]:
+        return {**monitor.snapshot(), "alerts": alerter.snapshot()}
+
+    await run(
+        monitor,
+        settings,
+        Notifier(),
+        stop,
+        health=health,
+        alerter=alerter,
+        on_start=lambda: reconcile.apply(paths, services),
+    )
 
 
 def main() -> int:
+    # On SIGABRT (systemd's WatchdogSignal) print where every thread was stuck.
+    faulthandler.enable()
     logmod.setup(identifier="aipbx-watchdog", stderr=not os.environ.get("JOURNAL_STREAM"))
+    # aiohttp imports its gunicorn worker whenever gunicorn is installed (the appliance
+    # depends on it for releases): megabytes of memory the watchdog never uses.
+    sys.modules.setdefault("gunicorn", None)  # type: ignore[arg-type]
     paths = Paths(Path(os.environ.get("AIPBX_ROOT", "/")))
     try:
         import uvloop

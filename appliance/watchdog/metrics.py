@@ -32,7 +32,9 @@ class _Doc:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def family(self, name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]):
+    def family(
+        self, name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]
+    ) -> None:
         self.lines.append(f"# HELP {name} {help_}")
         self.lines.append(f"# TYPE {name} {kind}")
         self.lines.extend(f"{name}{labels} {_number(v)}" for labels, v in samples)

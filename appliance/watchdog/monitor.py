@@ -178,7 +178,8 @@ class Monitor:
         fields = {"check": cs.name, "state": str(cs.result.status), "breaker": str(t.new)}
         if cs.unit:
             fields["unit"] = cs.unit
-        log.log(level, "%s: breaker %s -> %s (%s)", cs.name, t.old, t.new, why, extra={"fields": fields})
+        text = f"{cs.name}: breaker {t.old} -> {t.new} ({why})"
+        log.log(level, text, extra={"fields": fields})
 
     # -- restarts
 
@@ -230,7 +231,9 @@ class Monitor:
         finally:
             del self._restarting[unit]
 
-    def _give_up(self, unit: str, policy: RestartPolicy, down: list[CheckState], now: float) -> None:
+    def _give_up(
+        self, unit: str, policy: RestartPolicy, down: list[CheckState], now: float
+    ) -> None:
         budget = policy.budget
         text = (
             f"{unit} was restarted {budget.limit} times within {budget.window:g} s and is "

@@ -38,3 +38,16 @@ def test_nft_ruleset_replaces_the_table_atomically_and_dnats_to_live() -> None:
     assert text.count("dnat ip to 10.203.0.6:3032") == 2  # prerouting and output
     assert 'ip saddr 10.203.0.0/24 oifname != { "aipbx-blue", "aipbx-green" } masquerade' in text
     assert "dnat" not in nft.render(cfg, None).split("table inet aipbx {\n")[1]
+
+
+def test_subnet_clash_with_host_routes() -> None:
+    from appliance.netcheck import clashes
+
+    routes = [
+        {"dst": "default", "gateway": "192.0.2.1", "dev": "eth0"},
+        {"dst": "10.203.0.0/16", "dev": "wg0"},
+        {"dst": "10.203.0.0/30", "dev": "aipbx-blue"},
+        {"dst": "192.168.1.0/24", "dev": "eth0"},
+    ]
+    assert clashes("10.203.0.0/24", routes) == ["10.203.0.0/16 dev wg0"]
+    assert clashes("10.250.0.0/24", routes) == []
