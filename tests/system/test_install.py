@@ -70,6 +70,24 @@ def test_config_check_refuses_bad_values_with_file_and_line(machine: Machine) ->
     assert ok.stdout.strip() == "/etc/aipbx/aipbx.toml: ok"
 
 
+def test_config_check_refuses_a_subnet_that_clashes_with_a_host_route(machine: Machine) -> None:
+    machine.sh(
+        "ip link add aipbxtest0 type dummy && ip link set aipbxtest0 up && "
+        "ip route add 10.203.0.0/16 dev aipbxtest0"
+    )
+    try:
+        r = machine.run(["aipbxctl", "config", "check"], check=False)
+        assert r.returncode == 2
+        assert re.match(
+            r"aipbxctl: /etc/aipbx/aipbx.toml:\d+: network.subnet 10.203.0.0/24 "
+            r"overlaps the host's route 10.203.0.0/16 dev aipbxtest0",
+            r.stderr,
+        ), r.stderr
+    finally:
+        machine.run(["ip", "link", "delete", "aipbxtest0"])
+    machine.run(["aipbxctl", "config", "check"])
+
+
 def test_setup_configures_everything(machine: Machine) -> None:
     r = machine.run(
         [
