@@ -4,6 +4,7 @@ switch heals itself, since state.json says what is live."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from appliance import nft, nginx, state
@@ -34,6 +35,11 @@ def units(paths: Paths, services: Services) -> list[str]:
     neither live nor draining is stopped and disabled."""
     st = state.load(paths.state)
     changes = []
+    if st.draining and (time.time() >= st.draining.deadline or st.draining.color == st.live_color):
+        # An interrupted upgrade left a drain behind; its deadline has passed.
+        changes.append(f"the drain of {st.draining.color} is over")
+        st = st.with_(draining=None, upgrading="")
+        state.save(paths.state, st)
     for color in ("blue", "green"):
         unit = f"aipbx-backend@{color}.service"
         s = services.state(unit)
