@@ -218,7 +218,7 @@ class Monitor:
         fields = {"action": "restart", "unit": unit, "check": checks}
         log.warning("restarting %s (%s)", unit, why, extra={"fields": fields})
         try:
-            await asyncio.to_thread(self.services.restart, unit)
+            await asyncio.to_thread(self._reset_and_restart, unit)
         except Exception as e:
             log.error(
                 "restart of %s failed: %s",
@@ -230,6 +230,12 @@ class Monitor:
             log.info("restarted %s", unit, extra={"fields": {**fields, "outcome": "ok"}})
         finally:
             del self._restarting[unit]
+
+    def _reset_and_restart(self, unit: str) -> None:
+        # A unit that crash-looped into systemd's start limit refuses a plain restart; this
+        # restart is deliberate (and rationed by the budget), so clear the limit first.
+        self.services.reset_failed(unit)
+        self.services.restart(unit)
 
     def _give_up(
         self, unit: str, policy: RestartPolicy, down: list[CheckState], now: float
