@@ -255,7 +255,7 @@ class ChannelRunner:
                 error = self._mask(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
                 self.outbox.fail(self.clock(), error)
                 log.warning(
-                    "alert to %s failed (attempt %d, retry in %.0f s): %s",
+                    "alert to %s failed (attempt %d, retry in %.1f s): %s",
                     self.name,
                     self.outbox.backoff.failures,
                     max(0.0, self.outbox.retry_at - self.clock()),

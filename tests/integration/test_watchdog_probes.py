@@ -1,0 +1,197 @@
+"""The watchdog's PostgreSQL and PgBouncer checks against real servers (initdb in a temp
+dir, our rendered PgBouncer config): a startup packet answered with an authentication
+request is healthy, and neither server logs anything about the probe hanging up."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from appliance import pgbouncer
+from appliance.config import Database
+from appliance.watchdog.checks import Checks, Targets
+from appliance.watchdog.model import Result, Status
+from appliance.watchdog.settings import Settings
+from tests.integration.procs import free_port, port_open, stop, wait_for
+from tests.integration.test_watchdog_loop import FakeBackend, FakeServices
+
+pytestmark = pytest.mark.integration
+
+PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
+SCRAM_NOSYNC = ("--auth-host=scram-sha-256", "--no-sync")
+
+
+def as_postgres(argv: list[str], input: str | None = None) -> None:
+    subprocess.run(
+        ["runuser", "-u", "postgres", "--", *argv],
+        text=True,
+        input=input,
+        capture_output=True,
+        check=True,
+    )
+
+
+@dataclass
+class Servers:
+    db: Database
+    pg: subprocess.Popen[bytes]
+    bouncer: subprocess.Popen[bytes]
+    pg_log: Path
+    bouncer_log: Path
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    work = Path(tempfile.mkdtemp(prefix="aipbx-wd-pg-"))
+    pg_user = pwd.getpwnam("postgres")
+    os.chown(work, pg_user.pw_uid, pg_user.pw_gid)
+    db = replace(Database(), postgres_port=free_port(), pgbouncer_port=free_port(), pool_size=2)
+    data = work / "data"
+    as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "--auth-local=peer", *SCRAM_NOSYNC])
+    pg_log = work / "pg.log"
+    with pg_log.open("wb") as out:
+        pg = subprocess.Popen(
+            [
+                *("runuser", "-u", "postgres", "--", str(PG_BIN / "postgres"), "-D", str(data)),
+                *("-p", str(db.postgres_port), "-k", str(work), "-c", "listen_addresses=127.0.0.1"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    bouncer: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: port_open(db.postgres_port), what="postgres")
+        sql = (
+            "SET password_encryption = 'scram-sha-256';\n"
+            f"CREATE ROLE {db.user} LOGIN PASSWORD 'pw';\n"
+            f"CREATE DATABASE {db.name} OWNER {db.user};\n"
+        )
+        as_postgres(
+            [
+                *("psql", "-X", "-q", "-h", str(work), "-p", str(db.postgres_port)),
+                *("-d", "postgres", "-v", "ON_ERROR_STOP=1"),
+            ],
+            input=sql,
+        )
+        userlist = work / "userlist.txt"
+        userlist.write_text(pgbouncer.render_userlist(db.user, "pw"))
+        ini = work / "pgbouncer.ini"
+        ini.write_text(pgbouncer.render_ini(db, listen=["127.0.0.1"], userlist=str(userlist)))
+        bouncer_log = work / "pgbouncer.log"
+        with bouncer_log.open("wb") as out:
+            bouncer = subprocess.Popen(
+                ["runuser", "-u", "postgres", "--", "pgbouncer", str(ini)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(lambda: port_open(db.pgbouncer_port), what="pgbouncer")
+        yield Servers(db, pg, bouncer, pg_log, bouncer_log)
+    finally:
+        if bouncer is not None:
+            stop(bouncer)
+        stop(pg)
+        shutil.rmtree(work)
+
+
+def targets(db: Database, **changes: object) -> Targets:
+    t = Targets(
+        color=None,
+        backend_host="",
+        backend_unit="",
+        http_port=1,
+        ws_port=1,
+        nginx_port=free_port(),
+        postgres_port=db.postgres_port,
+        pgbouncer_port=db.pgbouncer_port,
+        pgbouncer_set_up=True,
+        db_user=db.user,
+        db_name=db.name,
+        disk_paths=(),
+        cert=None,
+    )
+    return replace(t, **changes)  # type: ignore[arg-type]
+
+
+def check(name: str, t: Targets, settings: Settings | None = None) -> Result:
+    settings = settings or Settings(timeout=2, slow=1)
+    services = FakeServices(FakeBackend(0, 0))
+
+    async def once() -> Result:
+        return await Checks(settings, services, time.monotonic).run(name, t)
+
+    return asyncio.run(once())
+
+
+def test_postgresql_and_pgbouncer_answer_and_log_nothing(servers: Servers) -> None:
+    pg_before = servers.pg_log.read_text()
+    bouncer_before = servers.bouncer_log.read_text()
+    for _ in range(5):
+        r = check("postgresql", targets(servers.db))
+        assert r.status is Status.OK, r
+        assert r.detail == f"port {servers.db.postgres_port}: authentication requested"
+        assert r.latency is not None and r.latency < 1
+        r = check("pgbouncer", targets(servers.db))
+        assert r.status is Status.OK, r
+    time.sleep(0.5)
+    assert servers.pg_log.read_text() == pg_before
+    assert servers.bouncer_log.read_text() == bouncer_before
+
+
+def test_an_error_answer_is_critical_with_its_message() -> None:
+    """What PostgreSQL says while it recovers: an ErrorResponse instead of an auth request."""
+    import socket
+    import struct
+    import threading
+
+    body = b"SFATAL\0C57P03\0Mthe database system is starting up\0\0"
+    answer = b"E" + struct.pack("!I", len(body) + 4) + body
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+
+        def serve() -> None:
+            conn, _ = s.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(answer)
+
+        server = threading.Thread(target=serve)
+        server.start()
+        r = check("postgresql", targets(replace(Database(), postgres_port=s.getsockname()[1])))
+        server.join(5)
+    assert (r.status, r.error) == (Status.CRITICAL, "the database system is starting up")
+
+
+def test_not_set_up_pgbouncer_is_idle_and_closed_ports_are_critical(servers: Servers) -> None:
+    assert check("pgbouncer", targets(servers.db, pgbouncer_set_up=False)).status is Status.IDLE
+    closed = free_port()
+    r = check("postgresql", targets(servers.db, postgres_port=closed))
+    assert (r.status, r.error) == (Status.CRITICAL, "connection refused")
+    r = check("nginx", targets(servers.db, nginx_port=closed))
+    assert (r.status, r.error) == (Status.CRITICAL, "connection refused")
+
+
+def test_a_listener_that_never_answers_times_out() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)  # the kernel completes the handshake; nobody ever reads
+        port = s.getsockname()[1]
+        db = replace(Database(), postgres_port=port)
+        started = time.monotonic()
+        r = check("postgresql", targets(db), Settings(timeout=0.3, slow=0.2))
+        took = time.monotonic() - started
+    assert (r.status, r.error) == (Status.CRITICAL, "no answer within 0.3 s")
+    assert took < 1.0
