@@ -68,5 +68,8 @@ piuparts: deb
 demo: venv deb sample
 	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.demo
 
+bench: venv deb sample
+	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.upgrade
+
 clean:
 	rm -rf build/src build/*.deb build/venv

@@ -20,6 +20,26 @@ All times written are epoch seconds (time.time() at start plus time.monotonic() 
 wall-clock step during the run cannot bend them); the orchestrator stamps its events with
 time.time() on the same host, which makes the two comparable. Timeline rows are per second
 since the start (row t covers [t, t+1) s).
+
+The report (--out, JSON, schema "aipbx-bench-load/1"):
+  started_at, stopped_at, ended_at (epoch s), stop_cause (duration|stop-file|signal|error),
+  config (the arguments), runtime (python, aiohttp, loop, cpus),
+  summary: http_sent/ok/failed, http_fail_reasons {reason: n}, http_retries, http_versions,
+    http_sent_rps, http_ok_rps, http_p50_ms, http_p99_ms, http_max_sched_lag_ms,
+    ws_connections, ws_drops, ws_connect_failures {reason: n}, ws_pongs, udp_sent, udp_recv,
+    udp_lost, udp_sent_pps, udp_new_flows, cpu_user_s, cpu_system_s, cpu_pct (of one core),
+    max_rss_kb
+  timeline: [{t, at, span_s, http_sent, http_ok, http_failed, http_fail_reasons, http_p50_ms,
+    http_p99_ms, http_versions, sched_lag_ms, ws_open, ws_pongs, ws_drops, ws_connect_failed,
+    ws_versions, udp_sent, udp_recv, udp_flows_alive, udp_versions, cpu_pct}]
+    (HTTP counted in the second a request was due, answers in the second they arrived)
+  ws_connections: [{slot, gen, opened, closed, close_reason ("end" = closed by us at the
+    end; anything else is a drop), pings, pongs, runs, versions}]
+  udp_flows, udp_new_flows: [{flow, port, started, sent, received, lost, late_window_s,
+    duplicates, reordered, malformed, errors, runs, versions}]
+  where runs = [{version, count, first, last}] in the order answers came and
+  versions = {version: {count, first, last}};
+  writes_acked: [id, ...] every id whose POST /api/writes was acknowledged.
 """
 
 from __future__ import annotations
@@ -756,14 +776,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     http, ws, udp = HttpLoad(args, clock, tl), WsLoad(args, clock, tl), UdpLoad(args, clock, tl)
     loads = [asyncio.ensure_future(x.run(stop)) for x in (http, ws, udp)]
     tick = asyncio.ensure_future(ticker(args, clock, tl, ws, stop))
-    done, _ = await asyncio.wait([tick, *loads], return_when=asyncio.FIRST_COMPLETED)
-    if tick in done:
-        stop_cause = tick.result()
-    else:  # a load part died: stop everything and say which
-        stop_cause = "error"
+    # a part that is switched off returns at once; one that fails stops the run
+    stop_cause = ""
+    waiting: set[asyncio.Future[Any]] = {tick, *loads}
+    while not stop_cause:
+        done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if task.exception() is not None:
+            if task is tick:
+                stop_cause = stop_cause or tick.result()
+            elif task.exception() is not None:
                 print(f"load: {task.exception()!r}", file=sys.stderr)
+                stop_cause = "error"
     stopped = clock.now()
     stop.set()
     drain = float(args.http_timeout) + float(args.udp_late_window) + 10
@@ -772,8 +795,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         task.cancel()
     for task in loads:
         if task.done() and not task.cancelled() and task.exception() is not None:
+            if stop_cause != "error":
+                print(f"load: {task.exception()!r}", file=sys.stderr)
             stop_cause = "error"
-            print(f"load: {task.exception()!r}", file=sys.stderr)
     cpu1 = os.times()
     cpu = (cpu1.user - cpu0.user, cpu1.system - cpu0.system)
     return report(args, clock, tl, http, ws, udp, stopped, stop_cause, cpu)
