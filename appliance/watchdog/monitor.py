@@ -215,7 +215,7 @@ class Monitor:
 
     async def _restart(self, unit: str, why: str, down: list[CheckState]) -> None:
         checks = ",".join(cs.name for cs in down)
-        fields = {"action": "restart", "unit": unit, "check": checks}
+        fields = {"action": "restart", "unit": unit, "check": checks, "state": "critical"}
         log.warning("restarting %s (%s)", unit, why, extra={"fields": fields})
         try:
             await asyncio.to_thread(self._reset_and_restart, unit)
