@@ -1,19 +1,21 @@
 """`make demo`: build the .deb (done by make), boot Debian 12 under systemd-nspawn, install
-the appliance with apt, set it up, and print what happened. KEEP=1 leaves the machine
-running and prints how to enter it."""
+the appliance with apt, set it up, deploy the sample backend v1, upgrade it to v2 under load,
+roll back, do a naive in-place restart under the same load for comparison, and print what
+happened. build/demo/report.json has the keys of build/bench/upgrade.json. KEEP=1 leaves the
+machine running and prints how to enter it."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from bench import bluegreen, timeline
 from tests.system.machine import Machine, ensure_rootfs, harness_problem
 
 TOP = Path(__file__).resolve().parents[1]
+DURATION = float(os.environ.get("DEMO_DURATION", "40"))
 
 
 def step(title: str, t0: float) -> None:
@@ -26,62 +28,59 @@ def main() -> int:
         print(f"demo: cannot boot a machine: {problem}", file=sys.stderr)
         return 1
     deb = Path(os.environ["AIPBX_DEB"])
+    sample = Path(os.environ.get("AIPBX_SAMPLE_DIR", TOP / "build" / "sample"))
     t0 = time.monotonic()
     step("preparing the Debian 12 rootfs (cached after the first run)", t0)
     rootfs = ensure_rootfs(TOP / "build" / "cache")
     keep = os.environ.get("KEEP") == "1"
     m = Machine(rootfs)
-    report: dict[str, object] = {}
     try:
         m.__enter__()
-        step(f"booted {m.name} (systemd as PID 1, private network)", t0)
-        shutil.copy(deb, m.path("/root") / deb.name)
-        step(f"apt install ./{deb.name}", t0)
-        m.run(
-            ["apt-get", "install", "-y", f"/root/{deb.name}"],
-            env={"DEBIAN_FRONTEND": "noninteractive"},
-            timeout=600,
+        step(
+            f"booted {m.name} (systemd as PID 1, private network); apt install {deb.name}; "
+            "aipbxctl setup",
+            t0,
         )
-        step("aipbxctl setup --domain pbx.example.test --email ops@example.test", t0)
-        print(
-            m.run(
-                [
-                    "aipbxctl",
-                    "setup",
-                    "--domain",
-                    "pbx.example.test",
-                    "--email",
-                    "ops@example.test",
-                ],
-                timeout=300,
-            ).stdout
-        )
-        step("aipbxctl setup (again: nothing to change)", t0)
-        print(m.run(["aipbxctl", "setup"]).stdout)
-        step("aipbxctl status", t0)
+        bluegreen.prepare(m, deb, sample)
         print(m.run(["aipbxctl", "status"]).stdout)
-        step("curl -skI https://127.0.0.1/api/", t0)
-        print(m.run(["curl", "-skI", "https://127.0.0.1/api/"]).stdout)
-        step("aipbxctl doctor", t0)
-        doctor = m.run(["aipbxctl", "doctor"], check=False)
-        print(doctor.stdout)
-        report = {
-            "status": json.loads(m.run(["aipbxctl", "status", "--json"]).stdout),
-            "doctor_exit": doctor.returncode,
-            "elapsed_s": round(time.monotonic() - t0, 1),
+        step("aipbxctl upgrade aipbx-sample-1.0.0.tar.gz (first deploy)", t0)
+        first = bluegreen.deploy_first(m)
+        for s in first["steps"]:
+            print(f"  [{s['elapsed_s']:6.2f}s] {s['step']}: {s['detail']}")
+        step(
+            f"upgrade to 2.0.0 under load ({DURATION:.0f}s: HTTP writes through nginx, 50 "
+            "WebSockets, 20 UDP flows), then an instant rollback",
+            t0,
+        )
+        bg = bluegreen.run_bluegreen(m, DURATION, 500)
+        step("for comparison: a naive in-place restart of the live unit under the same load", t0)
+        naive = bluegreen.run_naive(m, DURATION / 2, 500)
+        step("aipbxctl releases", t0)
+        print(m.run(["aipbxctl", "releases"]).stdout)
+        params = {
+            "http_rps": 500,
+            "ws": 50,
+            "udp_flows": 20,
+            "udp_pps": 50,
+            "udp_size": 172,
+            "duration_s": DURATION,
         }
-        out = TOP / "build" / "demo" / "report.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        step(f"done; report in {out.relative_to(TOP)}", t0)
+        out = TOP / "build" / "demo"
+        doc = bluegreen.report(out, bg, naive, params)
+        (out / "report.json").write_text((out / "upgrade.json").read_text())
+        step("what happened", t0)
+        print(timeline.render_table({"blue/green": doc, "naive restart": doc["naive_restart"]}))
+        print(
+            f"\nreport: {(out / 'report.json').relative_to(TOP)}, timeline: "
+            f"{(out / 'upgrade-timeline.png').relative_to(TOP)}"
+        )
         if keep:
-            print(
-                f"machine left running: nsenter -t {m.pid1} -a bash   (stop: kill {m.nspawn_pid})"
-            )
+            print(f"machine left running: nsenter -t {m.pid1} -a bash")
+            print(f"stop it with: kill {m.nspawn_pid}")
     finally:
         if not keep:
             m.close()
-    return 0 if report.get("doctor_exit") == 0 else 1
+    return 0
 
 
 if __name__ == "__main__":
