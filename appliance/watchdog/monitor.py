@@ -100,6 +100,8 @@ class Monitor:
         for unit in (NGINX_UNIT, POSTGRESQL_UNIT, PGBOUNCER_UNIT):
             self._policy(unit)
         self._restarting: dict[str, asyncio.Task[None]] = {}
+        # Units a breaker declared down (it opened) since their last restart.
+        self._wanted: set[str] = set()
 
     def _policy(self, unit: str) -> RestartPolicy:
         if unit not in self.policies:
@@ -148,10 +150,22 @@ class Monitor:
         if result.status is Status.IDLE:
             self._log_breaker(cs, cs.breaker.reset(now))
         else:
-            self._log_breaker(cs, cs.breaker.record(not result.status.failed, now))
+            t = cs.breaker.record(not result.status.failed, now)
+            self._log_breaker(cs, t)
+            if t is not None and t.new is BreakerState.OPEN and cs.unit:
+                self._want_restart(cs.unit, t, now)
         if result.status is not old:
             cs.since = now
             self._log_status(cs, old)
+
+    def _want_restart(self, unit: str, t: Transition, now: float) -> None:
+        # A failed probe after the cool-down says the last restart did not help. A breaker
+        # that merely opened while its unit restarts (another check of the same unit,
+        # lagging behind) is answered by that restart already.
+        last = self._policy(unit).last_restart
+        recent = unit in self._restarting or (last is not None and now - last < self.s.cooldown)
+        if t.old is BreakerState.HALF_OPEN or not recent:
+            self._wanted.add(unit)
 
     def _log_status(self, cs: CheckState, old: Status) -> None:
         new = cs.result.status
@@ -188,14 +202,24 @@ class Monitor:
         for cs in self.states.values():
             if cs.unit:
                 by_unit.setdefault(cs.unit, []).append(cs)
+        self._wanted &= set(by_unit)
         for unit, states in by_unit.items():
-            if unit in self._restarting:
-                continue
             policy = self._policy(unit)
-            down = [cs for cs in states if cs.breaker.state is BreakerState.OPEN]
+            if all(cs.breaker.state is BreakerState.CLOSED for cs in states):
+                self._wanted.discard(unit)
+                if policy.recovered():
+                    log.info(
+                        "%s is healthy again; its restart backoff is reset",
+                        unit,
+                        extra={"fields": {"unit": unit, "action": "recovered"}},
+                    )
+            if unit in self._restarting or unit not in self._wanted:
+                continue
+            down = [cs for cs in states if cs.breaker.state is not BreakerState.CLOSED]
             was_exhausted = policy.exhausted
-            decision = policy.decide(bool(down), now)
+            decision = policy.decide(now)
             if decision is Decision.RESTART:
+                self._wanted.discard(unit)
                 why = "; ".join(f"{cs.name}: {cs.result.error}" for cs in down)
                 if was_exhausted:
                     log.warning(
@@ -206,12 +230,6 @@ class Monitor:
                 self._restarting[unit] = asyncio.create_task(self._restart(unit, why, down))
             elif decision is Decision.EXHAUSTED:
                 self._give_up(unit, policy, down, now)
-            elif decision is Decision.RECOVERED:
-                log.info(
-                    "%s is healthy again; its restart backoff is reset",
-                    unit,
-                    extra={"fields": {"unit": unit, "action": "recovered"}},
-                )
 
     async def _restart(self, unit: str, why: str, down: list[CheckState]) -> None:
         checks = ",".join(cs.name for cs in down)

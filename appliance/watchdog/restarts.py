@@ -1,7 +1,10 @@
-"""When to restart a unit whose checks are down: at once the first time, then no sooner than
-the breaker's cool-down or the exponential backoff allows, and never more than the budget
-allows in its window. Past the budget it stops restarting (and says so once) until the
-window has room again. Pure: time is passed in."""
+"""When to restart a unit that a breaker declared down: at once the first time, then no sooner
+than the breaker's cool-down or the exponential backoff allows, and never more than the
+budget allows in its window. Past the budget it stops restarting (and says so once) until
+the window has room again. Pure: time is passed in.
+
+The caller asks `decide()` only while a restart is wanted (a breaker of the unit opened
+since the last restart) and calls `recovered()` once all the unit's breakers are closed."""
 
 from __future__ import annotations
 
@@ -11,8 +14,6 @@ from appliance.watchdog.backoff import Backoff, RestartBudget
 
 
 class Decision(StrEnum):
-    NONE = "none"  # nothing is down
-    RECOVERED = "recovered"  # it was restarted or over budget and is up again
     WAIT = "wait"  # down, but the last restart is too recent
     RESTART = "restart"
     EXHAUSTED = "exhausted"  # down and over budget: the first time (tell the operator)
@@ -34,13 +35,15 @@ class RestartPolicy:
             return None
         return self.last_restart + max(self.cooldown, self.backoff.delay())
 
-    def decide(self, down: bool, now: float) -> Decision:
-        if not down:
-            if self.backoff.failures or self.exhausted:
-                self.backoff.reset()
-                self.exhausted = False
-                return Decision.RECOVERED
-            return Decision.NONE
+    def recovered(self) -> bool:
+        """The unit is healthy: forget the backoff. True if there was one to forget."""
+        if self.backoff.failures or self.exhausted:
+            self.backoff.reset()
+            self.exhausted = False
+            return True
+        return False
+
+    def decide(self, now: float) -> Decision:
         allowed = self.next_allowed()
         if allowed is not None and now < allowed:
             return Decision.WAIT

@@ -78,20 +78,20 @@ def policy(budget: int = 5, window: float = 600, cooldown: float = 15) -> Restar
 
 def test_policy_restarts_at_once_then_waits_cooldown_or_backoff() -> None:
     p = policy(budget=100, cooldown=15)
-    assert p.decide(False, 0) is Decision.NONE
-    assert p.decide(True, 0) is Decision.RESTART
-    assert p.decide(True, 14.9) is Decision.WAIT  # cool-down (> backoff of 1 s)
-    assert p.decide(True, 15) is Decision.RESTART
+    assert p.next_allowed() is None
+    assert p.decide(0) is Decision.RESTART
+    assert p.decide(14.9) is Decision.WAIT  # cool-down (> backoff of 1 s)
+    assert p.decide(15) is Decision.RESTART
     # backoff grows: 1, 2, 4, 8, 16, 32 ... and takes over once it exceeds the cool-down
     now = 15.0
     waits = []
     for _ in range(8):
         nxt = p.next_allowed()
         assert nxt is not None
-        assert p.decide(True, nxt - 0.01) is Decision.WAIT
+        assert p.decide(nxt - 0.01) is Decision.WAIT
         waits.append(nxt - now)
         now = nxt
-        assert p.decide(True, now) is Decision.RESTART
+        assert p.decide(now) is Decision.RESTART
     assert waits == [15, 15, 15, 16, 32, 64, 128, 256]
 
 
@@ -99,7 +99,7 @@ def test_policy_backoff_is_capped() -> None:
     p = policy(budget=1000, cooldown=1)
     now = 0.0
     for _ in range(20):
-        assert p.decide(True, now) is Decision.RESTART
+        assert p.decide(now) is Decision.RESTART
         nxt = p.next_allowed()
         assert nxt is not None
         now = nxt
@@ -111,7 +111,7 @@ def test_policy_stops_past_budget_says_so_once_and_resumes_when_window_frees() -
     times = []
     now = 0.0
     while True:
-        d = p.decide(True, now)
+        d = p.decide(now)
         if d is Decision.RESTART:
             times.append(now)
         elif d is Decision.EXHAUSTED:
@@ -120,21 +120,21 @@ def test_policy_stops_past_budget_says_so_once_and_resumes_when_window_frees() -
     assert len(times) == 5
     assert p.exhausted
     # past the budget: quiet until the oldest restart leaves the window
-    assert p.decide(True, now + 1) is Decision.BLOCKED
-    assert p.decide(True, times[0] + 599) is Decision.BLOCKED
-    assert p.decide(True, times[0] + 600) is Decision.RESTART
+    assert p.decide(now + 1) is Decision.BLOCKED
+    assert p.decide(times[0] + 599) is Decision.BLOCKED
+    assert p.decide(times[0] + 600) is Decision.RESTART
     assert not p.exhausted
 
 
 def test_policy_recovery_resets_backoff_but_not_the_budget() -> None:
     p = policy(budget=2, cooldown=5)
-    assert p.decide(True, 0) is Decision.RESTART
-    assert p.decide(False, 3) is Decision.RECOVERED
+    assert p.decide(0) is Decision.RESTART
+    assert p.recovered() is True
     assert p.backoff.failures == 0
-    assert p.decide(False, 4) is Decision.NONE
-    assert p.decide(True, 10) is Decision.RESTART
-    assert p.decide(True, 20) is Decision.EXHAUSTED
-    assert p.decide(False, 21) is Decision.RECOVERED
+    assert p.recovered() is False
+    assert p.decide(10) is Decision.RESTART
+    assert p.decide(20) is Decision.EXHAUSTED
+    assert p.recovered() is True
     assert not p.exhausted
 
 
@@ -144,7 +144,7 @@ def test_policy_never_restarts_within_cooldown_of_the_last(cooldown: float) -> N
     last: float | None = None
     t = 0.0
     while t < 100:
-        if p.decide(True, t) is Decision.RESTART:
+        if p.decide(t) is Decision.RESTART:
             if last is not None:
                 assert t - last >= cooldown - 1e-9
             last = t

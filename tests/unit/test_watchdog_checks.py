@@ -5,7 +5,9 @@ records what it was asked to do."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -118,8 +120,11 @@ def test_units_and_targets_of_checks() -> None:
 
 
 class FakeServices:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = lambda: 0.0) -> None:
+        self.clock = clock
         self.calls: list[tuple[str, str]] = []
+        self.restarted_at: list[float] = []
+        self.on_restart: Callable[[], None] = lambda: None
 
     def state(self, unit: str) -> UnitState:
         return UnitState(unit, "active", "running", "enabled", "", 1)
@@ -135,6 +140,8 @@ class FakeServices:
 
     def restart(self, unit: str) -> None:
         self.calls.append(("restart", unit))
+        self.restarted_at.append(self.clock())
+        self.on_restart()
 
     def reload(self, unit: str) -> None:
         self.calls.append(("reload", unit))
@@ -152,17 +159,31 @@ class FakeServices:
         self.calls.append(("reset_failed", unit))
 
 
-class ScriptedChecks:
-    """Stands in for Checks: answers what the test says, counts runs."""
-
+class Clock:
     def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedChecks:
+    """Stands in for Checks: answers what the test says, counts runs, and takes a little
+    time on the fake clock as real checks do."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self.status: dict[str, Status] = {}
         self.runs: dict[str, int] = {}
+        self.healthy_from: float | None = None  # all ok from then on
 
     async def run(self, check: str, t: Targets) -> Result:
         self.runs[check] = self.runs.get(check, 0) + 1
+        self.clock.now += 0.05
+        if self.healthy_from is not None and self.clock.now >= self.healthy_from:
+            self.status.clear()
         status = self.status.get(check, Status.OK)
-        return Result(status, 0.01, "" if status is Status.OK else "refused")
+        return Result(status, 0.05, "" if status is Status.OK else "refused")
 
 
 class Alerts:
@@ -173,75 +194,73 @@ class Alerts:
         self.got.append(alert)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+BACKEND = ("backend_http", "backend_ws")
+UNIT = "aipbx-backend@blue.service"
 
 
-def test_monitor_restarts_a_unit_once_per_opening_and_alerts_once_per_incident() -> None:
-    settings = Settings(
-        interval=1,
-        failures_to_open=3,
-        cooldown=5,
-        critical_after=10,
-        restart_budget=3,
-        restart_window=600,
-    )
-    clock, services, alerts, checks = Clock(), FakeServices(), Alerts(), ScriptedChecks()
-    current = {"t": targets()}
+Rounds = Callable[[int], Awaitable[None]]
+
+
+def rig(
+    settings: Settings, enabled: tuple[str, ...]
+) -> tuple[Monitor, Clock, FakeServices, Alerts, ScriptedChecks, Rounds]:
+    clock = Clock()
+    services, alerts, checks = FakeServices(clock), Alerts(), ScriptedChecks(clock)
     m = Monitor(
         settings,
-        lambda: current["t"],
+        lambda: targets(),
         services,
         alerts,
         clock=clock,
         wall=lambda: 0.0,
-        enabled=("backend_http", "backend_ws", "nginx"),
+        enabled=enabled,
     )
     m.checks = checks  # type: ignore[assignment]
-
-    def restarts() -> int:
-        return sum(1 for verb, _ in services.calls if verb == "restart")
 
     async def rounds(n: int) -> None:
         for _ in range(n):
             await m.round()
             while m._restarting:  # let the restart thread finish
                 await asyncio.sleep(0.001)
-            clock.now += 1
+            clock.now += settings.interval
+
+    return m, clock, services, alerts, checks, rounds
+
+
+def test_monitor_restarts_a_unit_once_per_opening_and_alerts_once_per_incident() -> None:
+    settings = Settings(
+        interval=1, failures_to_open=3, cooldown=5, critical_after=10, restart_budget=3
+    )
+    m, clock, services, alerts, checks, rounds = rig(settings, (*BACKEND, "nginx"))
 
     async def scenario() -> None:
         await rounds(2)
         assert services.calls == []
-        checks.status = {"backend_http": Status.CRITICAL, "backend_ws": Status.CRITICAL}
+        checks.status = {c: Status.CRITICAL for c in BACKEND}
         await rounds(2)
         assert services.calls == []
         await rounds(1)  # the third failure opens both breakers: one restart of the unit
-        assert services.calls == [
-            ("reset_failed", "aipbx-backend@blue.service"),
-            ("restart", "aipbx-backend@blue.service"),
-        ]
+        assert services.calls == [("reset_failed", UNIT), ("restart", UNIT)]
         runs = checks.runs["backend_http"], checks.runs["backend_ws"]
         await rounds(4)  # cool-down: they do not run, nothing restarts
         assert (checks.runs["backend_http"], checks.runs["backend_ws"]) == runs
-        assert restarts() == 1
-        await rounds(1)  # half-open probe fails: open again, second restart
-        assert restarts() == 2
+        assert len(services.restarted_at) == 1
+        await rounds(2)  # the half-open probe fails: open again, second restart
+        assert len(services.restarted_at) == 2
         snap = m.snapshot()
         assert snap["checks"]["backend_http"]["breaker"] == "open"
-        assert snap["restarts"]["aipbx-backend@blue.service"]["total"] == 2
-        await rounds(5)  # third restart
-        assert restarts() == 3
-        await rounds(5)  # over budget: no restart, one CRITICAL saying so
-        assert restarts() == 3
-        assert m.snapshot()["restarts"]["aipbx-backend@blue.service"]["exhausted"] is True
+        assert snap["restarts"][UNIT]["total"] == 2
+        await rounds(20)  # a third restart, then over budget: no more, one CRITICAL says so
+        assert len(services.restarted_at) == 3
+        assert m.snapshot()["restarts"][UNIT]["exhausted"] is True
+        # never sooner than the cool-down after the previous restart
+        gaps = [b - a for a, b in itertools.pairwise(services.restarted_at)]
+        assert all(g >= settings.cooldown for g in gaps), gaps
         checks.status = {}
-        await rounds(8)
+        await rounds(10)
         assert m.snapshot()["checks"]["backend_http"]["breaker"] == "closed"
         assert m.snapshot()["status"] == "ok"
+        assert m.snapshot()["restarts"][UNIT]["exhausted"] is False
 
     asyncio.run(scenario())
     got = [(a.severity, a.check) for a in alerts.got]
@@ -249,12 +268,39 @@ def test_monitor_restarts_a_unit_once_per_opening_and_alerts_once_per_incident()
     assert got.count((Severity.CRITICAL, "backend_ws")) == 1
     assert got.count((Severity.INFO, "backend_http")) == 1
     assert got.count((Severity.INFO, "backend_ws")) == 1
-    assert got.count((Severity.CRITICAL, "restart:aipbx-backend@blue.service")) == 1
+    assert got.count((Severity.CRITICAL, f"restart:{UNIT}")) == 1
     assert not any(a.check == "nginx" for a in alerts.got)
 
 
+def test_a_lagging_breaker_of_the_same_unit_does_not_restart_it_again() -> None:
+    settings = Settings(interval=1, failures_to_open=2, cooldown=5, critical_after=60)
+    m, clock, services, alerts, checks, rounds = rig(settings, BACKEND)
+
+    def restart_fixes_it_in_a_while() -> None:
+        checks.healthy_from = clock.now + 2.5
+
+    services.on_restart = restart_fixes_it_in_a_while
+
+    async def scenario() -> None:
+        checks.status = {"backend_http": Status.CRITICAL}
+        await rounds(1)
+        checks.status["backend_ws"] = Status.CRITICAL
+        await rounds(1)  # http opens: restart
+        assert len(services.restarted_at) == 1
+        await rounds(1)  # ws opens too, while the unit is still coming up
+        assert m.snapshot()["checks"]["backend_ws"]["breaker"] == "open"
+        await rounds(15)
+        snap = m.snapshot()
+        assert [snap["checks"][c]["breaker"] for c in BACKEND] == ["closed", "closed"]
+
+    asyncio.run(scenario())
+    assert len(services.restarted_at) == 1
+    assert alerts.got == []
+
+
 def test_monitor_idles_backend_checks_without_a_live_color() -> None:
-    clock, services, alerts, checks = Clock(), FakeServices(), Alerts(), ScriptedChecks()
+    clock = Clock()
+    services, alerts, checks = FakeServices(clock), Alerts(), ScriptedChecks(clock)
     settings = Settings(failures_to_open=1, cooldown=5)
     current = {"t": targets()}
     m = Monitor(settings, lambda: current["t"], services, alerts, clock=clock, wall=lambda: 0.0)
