@@ -9,6 +9,9 @@ import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
 
+# Where nginx proxies to: a loopback address the nft table DNATs to the live color.
+LIVE_ADDR = "127.203.0.1"
+
 
 class Color(StrEnum):
     BLUE = "blue"

@@ -26,8 +26,21 @@ def count_lines(text: str) -> int:
 
 def usage(cfg: Config, color: Color) -> Usage:
     addr = color_net(cfg.network.subnet, color).ns_addr
+    # nginx connects to the live-color address; conntrack knows which color answered.
     ws = run(
-        ["ss", "-Htn", "state", "established", "dst", f"{addr}:{cfg.backend.ws_port}"], check=False
+        [
+            "conntrack",
+            "-L",
+            "-p",
+            "tcp",
+            "--state",
+            "ESTABLISHED",
+            "--reply-src",
+            addr,
+            "--reply-port-src",
+            str(cfg.backend.ws_port),
+        ],
+        check=False,
     ).stdout
     flows = run(
         [

@@ -18,7 +18,6 @@ from appliance import netns, reconcile
 from appliance.colors import color_net, parse_color
 from appliance.errors import AipbxError
 from appliance.paths import Paths
-from appliance.services import SystemdServices
 
 log = logging.getLogger("aipbx.netns")
 
@@ -43,9 +42,7 @@ def main(argv: Sequence[str]) -> int:
                 )
                 return 2
             steps = netns.up(net, peer_netns=pid)
-            for change in reconcile.network(
-                paths, cfg, SystemdServices(), host=netns.HOST_FROM_COLOR
-            ):
+            for change in reconcile.network(paths, cfg, host=netns.HOST_FROM_COLOR):
                 log.info("reconciled: %s", change, extra={"fields": {"action": "reconcile"}})
         else:
             steps = netns.down(net)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import validate
-from appliance.colors import Color, color_net
+from appliance.colors import LIVE_ADDR
 from appliance.config import Config
 from appliance.errors import CommandError, NginxConfigError
 from appliance.fsutil import write_if_changed
@@ -68,15 +68,13 @@ def render_main(cfg: Config) -> str:
     )
 
 
-def render_upstream(cfg: Config, color: Color | None) -> str:
-    if color is None:
-        # Port 9 (discard) on loopback, marked down: every request gets the 503 page.
-        http_addr = ws_addr = "127.0.0.1:9"
-    else:
-        addr = color_net(cfg.network.subnet, color).ns_addr
-        http_addr = f"{addr}:{cfg.backend.http_port}"
-        ws_addr = f"{addr}:{cfg.backend.ws_port}"
-    return render("nginx/upstream.conf.j2", color=color, http_addr=http_addr, ws_addr=ws_addr)
+def render_upstream(cfg: Config) -> str:
+    return render(
+        "nginx/upstream.conf.j2",
+        live_addr=LIVE_ADDR,
+        http_port=cfg.backend.http_port,
+        ws_port=cfg.backend.ws_port,
+    )
 
 
 def ipv6_available(paths: Paths) -> bool:
@@ -187,7 +185,3 @@ def reload_nginx(services: Services) -> None:
         services.reload("nginx.service")
     else:
         services.start("nginx.service")
-
-
-def current_site(paths: Paths) -> tuple[str, str]:
-    return paths.nginx_site.read_text(), paths.nginx_main_snippet.read_text()

@@ -1,33 +1,23 @@
-"""Bring nginx's upstream and the nft table in line with state.json (at boot, from
-aipbx-netns@'s ExecStartPost, and by `aipbxctl reconcile`): a power cut in the middle of a
-switch heals itself, since state.json says what is live."""
+"""Bring the nft table (the blue/green switch) and the backend units in line with state.json
+(at boot, from aipbx-netns@'s ExecStartPost, and by `aipbxctl reconcile`): a power cut in
+the middle of a switch heals itself, since state.json says what is live."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
 
-from appliance import nft, nginx, state
+from appliance import nft, state
 from appliance.config import Config
-from appliance.fsutil import write_if_changed
 from appliance.paths import Paths
-from appliance.services import Services, systemd_is_running
+from appliance.services import Services
 
 
-def network(
-    paths: Paths, cfg: Config, services: Services, *, host: Sequence[str] = ()
-) -> list[str]:
+def network(paths: Paths, cfg: Config, *, host: Sequence[str] = ()) -> list[str]:
+    """The nft table from state.json: it is the switch of all three protocols."""
     st = state.load(paths.state)
-    changes = []
-    if paths.nginx_site.exists() and write_if_changed(
-        paths.nginx_upstream, nginx.render_upstream(cfg, st.live_color)
-    ):
-        changes.append(f"nginx upstream set to {st.live_color or 'none'}")
-        if systemd_is_running() and services.is_active("nginx.service"):
-            nginx.nginx_test()
-            services.reload("nginx.service")
     nft.apply(nft.render(cfg, st.live_color), host=host)
-    return changes
+    return [f"nft table: live color {st.live_color or 'none'}"]
 
 
 def units(paths: Paths, services: Services) -> list[str]:

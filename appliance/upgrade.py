@@ -151,9 +151,9 @@ def _start_and_gate(ctx: Ctx, color: Color, rel: releases.Installed, opts: Optio
 
 
 def _switch_to(ctx: Ctx, color: Color | None, *, why: str) -> float:
-    prepared = switch.prepare(ctx.paths, ctx.cfg, color)
+    prepared = switch.prepare(ctx.cfg, color)
     st = ctx.load()
-    ms = switch.execute(ctx.paths, ctx.services, prepared)
+    ms = switch.execute(prepared)
     ctx.save(st.with_(live_color=color, previous_color=st.live_color))
     ctx.tl.step(Step.SWITCH, f"{why}: live color is now {color} ({ms:.1f} ms)")
     return ms

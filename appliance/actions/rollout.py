@@ -116,4 +116,4 @@ def format_releases(data: dict[str, Any]) -> str:
 def run_reconcile(paths: Paths, services: Services) -> list[str]:
     cfg = config_mod.load(paths.config)
     with locked(paths.lock, "change"):
-        return reconcile.network(paths, cfg, services) + reconcile.units(paths, services)
+        return reconcile.network(paths, cfg) + reconcile.units(paths, services)

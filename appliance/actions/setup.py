@@ -69,13 +69,12 @@ def ensure_nginx(cfg: Config, paths: Paths, services: Services) -> list[str]:
         changes.append(f"disabled nginx's default site ({paths.nginx_default_site})")
     paths.acme_webroot.mkdir(parents=True, exist_ok=True)
     (paths.frontend).mkdir(parents=True, exist_ok=True)
-    live = state.load(paths.state).live_color
     if nginx.apply(
         paths,
         services,
         site=nginx.render_site(cfg, paths, ipv6=nginx.ipv6_available(paths)),
         main=nginx.render_main(cfg),
-        upstream=nginx.render_upstream(cfg, live),
+        upstream=nginx.render_upstream(cfg),
         # Without systemd (a chroot, piuparts) nginx reads the files when it next starts.
         reload=systemd_is_running(),
     ):

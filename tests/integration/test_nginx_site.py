@@ -73,9 +73,12 @@ def _start(tmp: Path, backend_port: int | None) -> tuple[subprocess.Popen[bytes]
     paths = Paths(tmp)
     cert.make_selfsigned(paths.selfsigned_cert, paths.selfsigned_key, ["localhost", "127.0.0.1"])
     site = nginx.render_site(cfg, paths, ipv6=False)
-    upstream = nginx.render_upstream(cfg, None)
-    if backend_port is not None:
-        upstream = upstream.replace("127.0.0.1:9 down", f"127.0.0.1:{backend_port}")
+    # No nft table here: point the live-color address straight at the test's backend (or
+    # at a closed port, as when no color is live).
+    upstream = nginx.render_upstream(cfg)
+    target = f"127.0.0.1:{backend_port}" if backend_port is not None else "127.0.0.1:9"
+    for port in (ports["svc_http"], ports["svc_ws"]):
+        upstream = upstream.replace(f"127.203.0.1:{port}", target)
     paths.nginx_upstream.parent.mkdir(parents=True, exist_ok=True)
     paths.nginx_upstream.write_text(upstream)
     challenge = paths.acme_webroot / ".well-known/acme-challenge"

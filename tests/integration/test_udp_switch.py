@@ -5,9 +5,11 @@ flow goes to the new one. Everything here has a unique name and is removed after
 from __future__ import annotations
 
 import dataclasses
+import io
 import random
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,18 +17,28 @@ from pathlib import Path
 import pytest
 
 from appliance import config, netns, nft
-from appliance.colors import Color, color_net
+from appliance.colors import LIVE_ADDR, Color, color_net
 from tests.integration.procs import stop
 
 pytestmark = pytest.mark.integration
 
 ECHO = """
-import socket, sys
+import socket, sys, threading
+color, port = sys.argv[1].encode(), int(sys.argv[2])
+def tcp():
+    srv = socket.create_server(("0.0.0.0", port))
+    while True:
+        conn, _ = srv.accept()
+        def serve(c):
+            for line in c.makefile("rb"):
+                c.sendall(color + b" " + line)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+threading.Thread(target=tcp, daemon=True).start()
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[2])))
+s.bind(("0.0.0.0", port))
 while True:
     data, src = s.recvfrom(2048)
-    s.sendto(sys.argv[1].encode() + b" " + data, src)
+    s.sendto(color + b" " + data, src)
 """
 
 
@@ -35,10 +47,11 @@ def lab() -> Iterator[tuple[config.Config, str, str]]:
     prefix = "ait" + uuid.uuid4().hex[:4]
     table = f"aipbx_test_{prefix}"
     base = config.parse("")
+    port = random.randint(40000, 49000)
     cfg = dataclasses.replace(
         base,
         network=dataclasses.replace(base.network, subnet=f"10.251.{random.randint(0, 255)}.0/24"),
-        backend=dataclasses.replace(base.backend, udp_port=random.randint(40000, 49000)),
+        backend=dataclasses.replace(base.backend, udp_port=port, http_port=port),
     )
     forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     procs: list[subprocess.Popen[bytes]] = []
@@ -119,3 +132,35 @@ def test_netns_up_again_rebuilds_the_link(lab: tuple[config.Config, str, str]) -
         check=True,
     ).stdout
     assert f"{net.ns_addr}/30" in inside
+
+
+def _connect(addr: tuple[str, int]) -> socket.socket:
+    for _ in range(50):  # the echo servers may still be starting
+        try:
+            return socket.create_connection(addr, timeout=5)
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing answered on {addr}")
+
+
+def _tcp_ask(f: io.BufferedRWPair, line: bytes) -> bytes:
+    f.write(line + b"\n")
+    f.flush()
+    return f.readline().strip()
+
+
+def test_open_tcp_connection_stays_new_connection_moves(
+    lab: tuple[config.Config, str, str],
+) -> None:
+    """nginx's upstream (HTTP, WebSocket) is switched the same way: by the nft table."""
+    cfg, prefix, table = lab
+    addr = (LIVE_ADDR, cfg.backend.http_port)
+    nft.apply(nft.render(cfg, Color.BLUE, table=table, prefix=prefix))
+    ws = _connect(addr)
+    old = ws.makefile("rwb")
+    assert _tcp_ask(old, b"one") == b"blue one"
+    nft.apply(nft.render(cfg, Color.GREEN, table=table, prefix=prefix))
+    assert _tcp_ask(old, b"two") == b"blue two"  # the open WebSocket stays on blue
+    with _connect(addr) as new:
+        assert _tcp_ask(new.makefile("rwb"), b"three") == b"green three"
+    ws.close()

@@ -89,9 +89,11 @@ def test_lock_refuses_a_second_holder(tmp_path: Path) -> None:
 def test_releases_table_has_one_line_per_release() -> None:
     from appliance.actions.rollout import format_releases
 
-    data = {"releases": [
-        {"release": "a-1", "kind": "backend", "colors": ["blue"], "live": True},
-        {"release": "a-2", "kind": "backend", "colors": [], "live": False},
-    ]}
+    data = {
+        "releases": [
+            {"release": "a-1", "kind": "backend", "colors": ["blue"], "live": True},
+            {"release": "a-2", "kind": "backend", "colors": [], "live": False},
+        ]
+    }
     lines = format_releases(data).splitlines()
     assert len(lines) == 3 and lines[1].startswith("a-1") and lines[1].endswith("yes")

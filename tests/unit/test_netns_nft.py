@@ -36,6 +36,8 @@ def test_nft_ruleset_replaces_the_table_atomically_and_dnats_to_live() -> None:
     # create-if-missing, delete, create: one transaction that replaces the whole table
     assert lines[1:3] == ["table inet aipbx {}", "delete table inet aipbx"]
     assert text.count("dnat ip to 10.203.0.6:3032") == 2  # prerouting and output
+    # nginx's upstream address, HTTP and WebSocket, only in output (nginx is local)
+    assert text.count("ip daddr 127.203.0.1 tcp dport { 5005, 3033 } dnat ip to 10.203.0.6") == 1
     assert 'ip saddr 10.203.0.0/24 oifname != { "aipbx-blue", "aipbx-green" } masquerade' in text
     assert "dnat" not in nft.render(cfg, None).split("table inet aipbx {\n")[1]
 

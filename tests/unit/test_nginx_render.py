@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from appliance import config, nginx
-from appliance.colors import Color
 from appliance.paths import Paths
 
 
@@ -51,11 +50,12 @@ def test_letsencrypt_cert_is_preferred_when_present(tmp_path: Path) -> None:
     assert nginx.tls_files(cfg, Paths(tmp_path)).cert == live / "fullchain.pem"
 
 
-def test_upstream_points_at_the_live_color() -> None:
-    cfg = config.parse("")
-    assert "server 10.203.0.6:5005;" in nginx.render_upstream(cfg, Color.GREEN)
-    assert "server 10.203.0.2:3033;" in nginx.render_upstream(cfg, Color.BLUE)
-    assert "down;" in nginx.render_upstream(cfg, None)
+def test_upstream_is_the_live_color_address_without_keepalive() -> None:
+    text = nginx.render_upstream(config.parse(""))
+    assert "server 127.203.0.1:5005;" in text
+    assert "server 127.203.0.1:3033;" in text
+    # a kept-alive upstream connection would stay on the old color after a switch
+    assert not any(ln.strip().startswith("keepalive") for ln in text.splitlines())
 
 
 def test_drain_goes_to_worker_shutdown_timeout() -> None:

@@ -170,8 +170,20 @@ def test_repeated_keys_all_count() -> None:
     assert filters[0] == "@system-service"
     denied = {w for f in filters[1:] if f.startswith("~") for w in f[1:].split()}
     # what @privileged holds, less @setuid (setuid to itself: gunicorn, pm2)
-    for group in ("@chown", "@clock", "@module", "@raw-io", "@reboot", "@swap", "@mount",
-                  "@debug", "bpf", "chroot", "pivot_root", "acct"):
+    for group in (
+        "@chown",
+        "@clock",
+        "@module",
+        "@raw-io",
+        "@reboot",
+        "@swap",
+        "@mount",
+        "@debug",
+        "bpf",
+        "chroot",
+        "pivot_root",
+        "acct",
+    ):
         assert group in denied, group
     assert "@setuid" not in denied
 

@@ -1,0 +1,228 @@
+"""Issue 4 in a booted Debian 12: the installed watchdog restarts PostgreSQL and PgBouncer
+when they are stopped (the journal says so with AIPBX_ACTION=restart) and reports health
+again, is itself killed and restarted by systemd when its loop is stuck (SIGSTOP and
+WatchdogSec=), and its own CPU and memory are measured with every check on (the sample
+backend deployed, so the live color's HTTP and WebSocket checks run too).
+
+The tests run in order on one machine. Backend faults of the live color are tested in
+tests/integration/test_watchdog_loop.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.system.appliance import aipbxctl_json, install
+from tests.system.machine import Machine
+
+pytestmark = pytest.mark.system
+
+HERE = Path(__file__).resolve().parent
+SAMPLE_DIR = Path(os.environ.get("AIPBX_SAMPLE_DIR", HERE.parents[1] / "build" / "sample"))
+SAMPLE = "aipbx-sample-1.0.0.tar.gz"
+UNIT = "aipbx-watchdog.service"
+CONF = "/etc/aipbx/aipbx.toml"
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def health(machine: Machine) -> dict[str, Any] | None:
+    r = machine.run(
+        ["curl", "-s", "--max-time", "2", "http://127.0.0.1:6030/system-health"], check=False
+    )
+    try:
+        data = json.loads(r.stdout)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_state(machine: Machine, check: str) -> tuple[str, str] | None:
+    h = health(machine)
+    if h is None:
+        return None
+    c = h["checks"][check]
+    return c["state"], c["breaker"]
+
+
+def journal(machine: Machine, *matches: str) -> list[dict[str, Any]]:
+    r = machine.run(["journalctl", "-o", "json", "--no-pager", *matches], check=False)
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def show(machine: Machine, prop: str) -> str:
+    return machine.run(["systemctl", "show", "-p", prop, "--value", UNIT]).stdout.strip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def appliance(machine: Machine, deb: Path) -> None:
+    for suffix in ("", ".sha256"):
+        src = SAMPLE_DIR / f"{SAMPLE}{suffix}"
+        if not src.is_file():
+            pytest.fail(f"{src} is missing: run `make sample`", pytrace=False)
+        shutil.copy(src, machine.path("/root") / src.name)
+    install(machine, deb)
+    machine.run(["aipbxctl", "setup"], timeout=300)
+    # Check every second: the interval the resource figures are measured at.
+    conf = machine.path(CONF)
+    text = conf.read_text()
+    assert '# interval = "2s"' in text
+    conf.write_text(text.replace('# interval = "2s"', 'interval = "1s"', 1))
+    machine.run(["aipbxctl", "config", "check"])
+    machine.run(["systemctl", "restart", UNIT])
+
+
+def test_health_after_setup(machine: Machine) -> None:
+    def settled() -> dict[str, Any] | None:
+        h = health(machine)
+        ok = h is not None and all(
+            h["checks"][c]["state"] == "ok" for c in ("postgresql", "pgbouncer", "nginx", "cert")
+        )
+        return h if ok else None
+
+    h = wait_until(settled, 30, "PostgreSQL, PgBouncer, nginx and the certificate ok")
+    assert h["interval_s"] == 1.0
+    assert h["live_color"] is None
+    for c in ("backend_http", "backend_ws"):
+        assert h["checks"][c]["state"] == "idle", h["checks"][c]
+    assert h["checks"]["disk"]["state"] in ("ok", "warning")
+    assert h["checks"]["memory"]["state"] in ("ok", "warning")
+    assert "expires in" in h["checks"]["cert"]["detail"]
+    for name, ch in h["alerts"].items():
+        assert ch["enabled"] is False and ch["reason"], name
+    assert set(h["restarts"]) == {"nginx.service", "postgresql.service", "aipbx-pgbouncer.service"}
+    metrics = machine.run(["curl", "-s", "--max-time", "2", "http://127.0.0.1:6030/metrics"])
+    assert 'aipbx_check_up{check="postgresql"} 1' in metrics.stdout
+    assert 'aipbx_breaker_state{check="nginx",state="closed"} 1' in metrics.stdout
+    # only loopback: nothing listens on 6030 elsewhere
+    listen = machine.run(["ss", "-Htln", "sport = :6030"]).stdout.split()
+    assert "127.0.0.1:6030" in listen
+    status = machine.run(["aipbxctl", "status"]).stdout
+    assert re.search(r"^postgresql\s+ok\s+closed", status, re.MULTILINE), status
+    _, st = aipbxctl_json(machine, "status")
+    assert st["health"]["checks"]["pgbouncer"]["state"] == "ok"
+    started = journal(machine, "-u", UNIT, "AIPBX_ACTION=start")
+    assert started and started[-1]["PRIORITY"] == "6"
+
+
+def restarted_by_watchdog(machine: Machine, unit: str, after: float) -> list[dict[str, Any]]:
+    entries = journal(machine, "-u", UNIT, "AIPBX_ACTION=restart", f"AIPBX_UNIT={unit}")
+    return [e for e in entries if int(e["__REALTIME_TIMESTAMP"]) / 1e6 >= after]
+
+
+def machine_time(machine: Machine) -> float:
+    return float(machine.run(["date", "+%s.%N"]).stdout)
+
+
+@pytest.mark.parametrize(
+    ("unit", "check"),
+    [("postgresql.service", "postgresql"), ("aipbx-pgbouncer.service", "pgbouncer")],
+)
+def test_a_stopped_service_is_restarted(machine: Machine, unit: str, check: str) -> None:
+    wait_until(lambda: check_state(machine, check) == ("ok", "closed"), 60, f"{check} ok")
+    since = machine_time(machine)
+    machine.run(["systemctl", "stop", unit])
+    entries = wait_until(
+        lambda: restarted_by_watchdog(machine, unit, since), 30, f"the watchdog to restart {unit}"
+    )
+    first = entries[0]
+    assert first["PRIORITY"] == "4" and first["AIPBX_CHECK"] == check
+    assert first["MESSAGE"].startswith(f"restarting {unit} ({check}: ")
+    wait_until(lambda: check_state(machine, check) == ("ok", "closed"), 60, f"{check} ok again")
+    active = machine.run(["systemctl", "is-active", unit], check=False).stdout.strip()
+    if active != "active":
+        log = machine.run(["journalctl", "--no-pager", "-n", "80"]).stdout
+        raise AssertionError(f"{unit} is {active} though {check} answers\n{log}")
+    h = health(machine)
+    assert h is not None and h["restarts"][unit]["total"] == 1
+    # every transition on the way is in the journal, with the check and its state
+    states = [
+        (e["AIPBX_STATE"], e.get("AIPBX_BREAKER", ""))
+        for e in journal(machine, "-u", UNIT, f"AIPBX_CHECK={check}")
+        if int(e["__REALTIME_TIMESTAMP"]) / 1e6 >= since and "AIPBX_ACTION" not in e
+    ]
+    assert ("critical", "") in states and ("critical", "open") in states, states
+    assert ("critical", "half_open") in states and ("ok", "closed") in states, states
+    assert states[-1][0] == "ok", states
+    outcome = journal(machine, "-u", UNIT, "AIPBX_ACTION=restart", "AIPBX_OUTCOME=ok")
+    assert any(e["AIPBX_UNIT"] == unit for e in outcome)
+
+
+def test_a_stuck_watchdog_is_killed_and_restarted_by_systemd(machine: Machine) -> None:
+    pid = int(show(machine, "MainPID"))
+    restarts = int(show(machine, "NRestarts"))
+    assert pid > 0
+    assert show(machine, "WatchdogUSec") == "30s"
+    machine.run(["kill", "-STOP", str(pid)])
+    wait_until(
+        lambda: int(show(machine, "NRestarts")) == restarts + 1
+        and int(show(machine, "MainPID")) not in (0, pid)
+        and show(machine, "ActiveState") == "active",
+        90,
+        "systemd to kill the stuck watchdog and start a new one",
+    )
+    text = machine.run(["journalctl", "-u", UNIT, "--no-pager", "-n", "200"]).stdout
+    assert "Watchdog timeout" in text, text[-3000:]
+    wait_until(lambda: health(machine), 30, "the new watchdog's /system-health")
+
+
+def cpu_usec(machine: Machine) -> int:
+    stat = machine.run(["cat", f"/sys/fs/cgroup/system.slice/{UNIT}/cpu.stat"]).stdout
+    return int(re.search(r"^usage_usec (\d+)$", stat, re.MULTILINE)[1])  # type: ignore[index]
+
+
+def test_resource_use_with_every_check_on(machine: Machine) -> None:
+    _, out = aipbxctl_json(machine, "upgrade", f"/root/{SAMPLE}", "--probation", "2", "--yes")
+    assert out["ok"] and out["color"] == "blue", out
+
+    def all_on() -> bool:
+        h = health(machine)
+        return h is not None and all(c["state"] != "idle" for c in h["checks"].values())
+
+    wait_until(all_on, 60, "every check on (the backend checks see the live color)")
+    h = health(machine)
+    assert h is not None
+    for c in ("backend_http", "backend_ws"):
+        assert h["checks"][c]["state"] == "ok", h["checks"][c]
+    pid = int(show(machine, "MainPID"))
+    time.sleep(5)  # past start-up
+    t0, cpu0, rounds0 = time.monotonic(), cpu_usec(machine), h["rounds"]
+    time.sleep(60)
+    t1, cpu1 = time.monotonic(), cpu_usec(machine)
+    h = health(machine)
+    assert h is not None
+    rounds = h["rounds"] - rounds0
+    status = machine.run(["cat", f"/proc/{pid}/status"]).stdout
+    rss_kib = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)[1])  # type: ignore[index]
+    rollup = machine.run(["cat", f"/proc/{pid}/smaps_rollup"]).stdout
+    pss_kib = int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)[1])  # type: ignore[index]
+    cgroup_mem = int(
+        machine.run(["cat", f"/sys/fs/cgroup/system.slice/{UNIT}/memory.current"]).stdout
+    )
+    cpu_pct = 100.0 * (cpu1 - cpu0) / 1e6 / (t1 - t0)
+    figures = (
+        f"watchdog over {t1 - t0:.0f} s at a 1 s interval, {rounds} rounds of "
+        f"{len(h['checks'])} checks: CPU {cpu_pct:.2f} % of a core, VmRSS {rss_kib / 1024:.1f} "
+        f"MiB, PSS {pss_kib / 1024:.1f} MiB, cgroup memory.current {cgroup_mem / 2**20:.1f} MiB"
+    )
+    print(figures)
+    Path(os.environ.get("AIPBX_WATCHDOG_FIGURES", "/dev/null")).write_text(figures + "\n")
+    assert rounds >= 55, figures
+    assert cpu_pct <= 1.0, figures
+    assert rss_kib <= 48 * 1024, figures
