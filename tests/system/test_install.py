@@ -72,7 +72,7 @@ def test_config_check_refuses_bad_values_with_file_and_line(machine: Machine) ->
 
 def test_config_check_refuses_a_subnet_that_clashes_with_a_host_route(machine: Machine) -> None:
     machine.sh(
-        "ip link add aipbxtest0 type dummy && ip link set aipbxtest0 up && "
+        "ip link add aipbxtest0 type veth peer name aipbxtest1 && ip link set aipbxtest0 up && "
         "ip route add 10.203.0.0/16 dev aipbxtest0"
     )
     try:
