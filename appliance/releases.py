@@ -18,7 +18,13 @@ from appliance.errors import UsageError
 from appliance.fsutil import atomic_symlink
 from appliance.paths import Paths
 from appliance.release.checksum import verify
-from appliance.release.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
+from appliance.release.manifest import (
+    MANIFEST_NAME,
+    Kind,
+    Manifest,
+    load_manifest,
+    parse_manifest,
+)
 from appliance.release.unpack import unpack
 
 SERVICE_USER = "_aipbx"
@@ -60,6 +66,8 @@ def link_shared(paths: Paths, release: Path, m: Manifest) -> None:
     """Persistent dirs the app writes live under /var/lib/aipbx/shared/<name>/<dir> and are
     linked into the release (Capistrano's linked dirs). What a build ships in such a dir
     seeds the shared one once, never overwriting what the app wrote."""
+    if m.kind is Kind.FRONTEND:
+        return  # an SPA build's assets belong to the release; nothing writes into it
     uid, gid = _owner()
     for rel in m.shared_dirs:
         target = paths.shared / m.name / rel

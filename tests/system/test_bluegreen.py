@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -312,6 +314,85 @@ def test_a_second_concurrent_upgrade_is_refused(machine: Machine) -> None:
     r = machine.run(["aipbxctl", "upgrade", V2, "--yes"], check=False)
     machine.run(["systemctl", "stop", "hold-lock.service"], check=False)
     assert r.returncode == 3 and "in progress" in r.stderr, r.stderr
+
+
+def _pack_on_host(tmp: Path, *args: str) -> Path:
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "release", "pack", *args, "-o", str(tmp)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE.parents[1],
+    )
+    return Path(out.stdout.strip())
+
+
+def test_a_node_backend_with_its_own_runtime(machine: Machine, tmp_path: Path) -> None:
+    """The real backend's shape: `node dist/main.js`, WebSocket on 3033 hard-coded, packed
+    unmodified with its own `node` (the machine has no Node.js), JIT allowed by the unit."""
+    app = tmp_path / "aiPBX_backend"
+    shutil.copytree(HERE / "node_backend", app)
+    node = shutil.which("node")
+    assert node, "the host needs node to build this release (packaging/host-packages.txt)"
+    (app / "runtime" / "bin").mkdir(parents=True)
+    shutil.copy(os.path.realpath(node), app / "runtime" / "bin" / "node")
+    artifact = _pack_on_host(
+        tmp_path,
+        str(app),
+        "--name",
+        "aipbx-node",
+        "--version",
+        "1.0.0",
+        "--command",
+        "node dist/main.js",
+        "--runtime",
+        "runtime/bin",
+    )
+    for f in (artifact, Path(f"{artifact}.sha256")):
+        shutil.copy(f, machine.path("/root") / f.name)
+    assert machine.run(["sh", "-c", "command -v node"], check=False).returncode != 0
+    _, out = aipbxctl_json(
+        machine, "upgrade", f"/root/{artifact.name}", "--probation", "2", "--drain", "2", "--yes"
+    )
+    assert out["ok"] and out["release"] == "aipbx-node-1.0.0"
+    assert api_version(machine).startswith("node-v")
+    assert udp_version(machine).startswith("node-v")
+    answer = json.loads(machine.run(["curl", "-s", "http://127.0.0.1:5005/api"]).stdout)
+    assert answer["color"] == out["color"] and answer["db_host"].startswith("10.203.0.")
+    _, back = aipbxctl_json(
+        machine, "rollback", "--to", "1.0.0", "--probation", "1", "--drain", "2", "--yes"
+    )
+    assert back["release"] == "aipbx-sample-1.0.0" and api_version(machine) == "1.0.0"
+
+
+def test_a_frontend_release_switches_the_spa(machine: Machine, tmp_path: Path) -> None:
+    for version in ("1.0.0", "1.1.0"):
+        build = tmp_path / f"build-{version}"
+        (build / "static").mkdir(parents=True)
+        (build / "index.html").write_text(f"<html>aiPBX frontend {version}</html>\n")
+        (build / "static" / "app.js").write_text(f"console.log('{version}')\n")
+        artifact = _pack_on_host(
+            tmp_path,
+            str(build),
+            "--name",
+            "aipbx-frontend",
+            "--version",
+            version,
+            "--kind",
+            "frontend",
+        )
+        for f in (artifact, Path(f"{artifact}.sha256")):
+            shutil.copy(f, machine.path("/root") / f.name)
+        _, out = aipbxctl_json(machine, "upgrade", f"/root/{artifact.name}", "--yes")
+        assert out["ok"] and out["kind"] == "frontend"
+        page = machine.run(["curl", "-sk", "https://127.0.0.1/"]).stdout
+        assert f"aiPBX frontend {version}" in page
+        # SPA fallback: an app route serves index.html
+        assert (
+            f"frontend {version}"
+            in machine.run(["curl", "-sk", "https://127.0.0.1/calls/42"]).stdout
+        )
+    assert os.readlink(machine.path("/opt/aipbx/frontend/current")).endswith("aipbx-frontend-1.1.0")
 
 
 def test_power_cut_mid_upgrade_heals_at_boot(machine: Machine) -> None:
