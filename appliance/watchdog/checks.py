@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -143,21 +144,25 @@ class CertWatch:
     def __init__(self) -> None:
         self._key: tuple[str, int, int, int] | None = None
         self._info: cert.CertInfo | None = None
+        self._expires: datetime | None = None
 
-    async def info(self, path: Path) -> cert.CertInfo:
+    async def info(self, path: Path) -> tuple[cert.CertInfo, datetime]:
         st = path.stat()
         key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
-        if key != self._key or self._info is None:
+        if key != self._key or self._info is None or self._expires is None:
             self._info = await asyncio.to_thread(cert.info, path)
+            self._expires = self._info.expires()
             self._key = key
-        return self._info
+        return self._info, self._expires
 
 
 class Checks:
     def __init__(self, settings: Settings, services: Services, clock: Clock) -> None:
         self.s = settings
         self.clock = clock
-        self.units = UnitWatch(services, ttl=max(10.0, settings.interval), clock=clock)
+        # Spawning systemctl costs more CPU than a whole round of checks; the port is probed
+        # every round, the unit's state asked once a minute.
+        self.units = UnitWatch(services, ttl=max(60.0, settings.interval), clock=clock)
         self.certs = CertWatch()
         self._fns: dict[str, Callable[[Targets], Awaitable[Result]]] = {
             BACKEND_HTTP: self.backend_http,
@@ -260,8 +265,8 @@ class Checks:
     async def cert(self, t: Targets) -> Result:
         if t.cert is None or not t.cert.exists():
             return Result(Status.CRITICAL, error=f"no TLS certificate at {t.cert}")
-        info = await self.certs.info(t.cert)
-        days = info.days_left()
+        info, expires = await self.certs.info(t.cert)
+        days = (expires - datetime.now(UTC)).days  # as CertInfo.days_left, without strptime
         status = cert_level(days, self.s.cert_warn_days, self.s.cert_crit_days)
         text = f"{t.cert} expires in {days} days ({info.not_after})"
         error = "" if status is Status.OK else f"certificate {text}"

@@ -195,3 +195,40 @@ def test_a_listener_that_never_answers_times_out() -> None:
         took = time.monotonic() - started
     assert (r.status, r.error) == (Status.CRITICAL, "no answer within 0.3 s")
     assert took < 1.0
+
+
+def make_cert(path: Path, days: int) -> None:
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+            *("-nodes", "-days", str(days), "-subj", "/CN=pbx.example.test"),
+            *("-keyout", str(path.with_suffix(".key")), "-out", str(path)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_certificate_expiry_levels_and_renewal_is_noticed(tmp_path: Path) -> None:
+    crt = tmp_path / "tls.crt"
+    services = FakeServices(FakeBackend(0, 0))
+    checks = Checks(Settings(), services, time.monotonic)
+    t = targets(Database(), cert=crt)
+
+    async def run() -> Result:
+        return await checks.run("cert", t)
+
+    async def scenario() -> list[Result]:
+        out = []
+        for days in (90, 10, 2):
+            make_cert(crt, days)
+            out.append(await run())
+        return out
+
+    ok, warning, critical = asyncio.run(scenario())
+    assert ok.status is Status.OK and "expires in 89 days" in ok.detail
+    assert warning.status is Status.WARNING and "expires in 9 days" in warning.error
+    assert critical.status is Status.CRITICAL and "expires in 1 days" in critical.error
+    crt.unlink()
+    missing = asyncio.run(run())
+    assert missing.status is Status.CRITICAL and "no TLS certificate" in missing.error
