@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+# Debian's PostgreSQL server binaries (initdb, postgres), newest major first.
+PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
 
 
 def free_port() -> int:
@@ -37,3 +42,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def as_postgres(argv: list[str], input: str | None = None) -> None:
+    """Run argv as the postgres user (initdb, psql), failing loudly."""
+    subprocess.run(
+        ["runuser", "-u", "postgres", "--", *argv],
+        text=True,
+        input=input,
+        capture_output=True,
+        check=True,
+    )

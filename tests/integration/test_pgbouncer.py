@@ -3,7 +3,6 @@ on both sides, with the role made by the same SQL `aipbxctl setup` uses."""
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shutil
@@ -17,21 +16,9 @@ import pytest
 
 from appliance import pgbouncer
 from appliance.config import Database
-from tests.integration.procs import free_port, port_open, stop, wait_for
+from tests.integration.procs import PG_BIN, as_postgres, free_port, port_open, stop, wait_for
 
 pytestmark = pytest.mark.integration
-
-PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
-
-
-def _as_postgres(argv: list[str], input: str | None = None) -> None:
-    subprocess.run(
-        ["runuser", "-u", "postgres", "--", *argv],
-        text=True,
-        input=input,
-        capture_output=True,
-        check=True,
-    )
 
 
 @pytest.fixture
@@ -50,7 +37,7 @@ def postgres(workdir: Path) -> Iterator[int]:
     pwfile = workdir / "pw"
     pwfile.write_text("superpw\n")
     os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
-    _as_postgres(
+    as_postgres(
         [
             str(PG_BIN / "initdb"),
             "-D",
@@ -91,7 +78,7 @@ def test_pgbouncer_scram_in_front_of_postgres(workdir: Path, postgres: int) -> N
         f"CREATE ROLE {db.user} LOGIN PASSWORD '{password.replace(chr(39), chr(39) * 2)}';\n"
         f"CREATE DATABASE {db.name} OWNER {db.user};\n"
     )
-    _as_postgres(
+    as_postgres(
         [
             "psql",
             "-X",

@@ -5,7 +5,6 @@ behind our PgBouncer in transaction pooling mode."""
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
 import os
 import pwd
@@ -32,26 +31,15 @@ from appliance.config import Database
 from appliance.release.checksum import verify
 from appliance.release.manifest import MANIFEST_NAME, load_manifest
 from appliance.release.unpack import unpack
-from tests.integration.procs import free_port, port_open, stop, wait_for
+from tests.integration.procs import PG_BIN, as_postgres, free_port, port_open, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
 VERSION = "9.8.7"
 PASSWORD = "sample-pw"
 # never through a proxy from the environment: everything here is on loopback
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _as_postgres(argv: list[str], input: str | None = None) -> None:
-    subprocess.run(
-        ["runuser", "-u", "postgres", "--", *argv],
-        text=True,
-        input=input,
-        capture_output=True,
-        check=True,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,7 @@ def database() -> Iterator[Database]:
     try:
         data = str(workdir / "data")
         auth = ["--auth-local=peer", "--auth-host=scram-sha-256"]
-        _as_postgres([str(PG_BIN / "initdb"), "-D", data, *auth, "--no-sync"])
+        as_postgres([str(PG_BIN / "initdb"), "-D", data, *auth, "--no-sync"])
         postgres = [str(PG_BIN / "postgres"), "-D", data]
         postgres += ["-p", str(db.postgres_port), "-k", str(workdir)]
         postgres += ["-c", "listen_addresses=127.0.0.1"]
@@ -89,7 +77,7 @@ def database() -> Iterator[Database]:
             f"CREATE DATABASE {db.name} OWNER {db.user};\n"
         )
         psql = ["psql", "-X", "-q", "-h", str(workdir), "-p", str(db.postgres_port)]
-        _as_postgres([*psql, "-d", "postgres", "-v", "ON_ERROR_STOP=1"], input=sql)
+        as_postgres([*psql, "-d", "postgres", "-v", "ON_ERROR_STOP=1"], input=sql)
         userlist = workdir / "userlist.txt"
         userlist.write_text(pgbouncer.render_userlist(db.user, PASSWORD))
         ini = workdir / "pgbouncer.ini"
