@@ -4,6 +4,7 @@ the watchdog's view of the appliance's health."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from dataclasses import asdict
 from typing import Any
@@ -57,6 +58,14 @@ def collect(paths: Paths, services: Services) -> dict[str, Any]:
     return {
         "live_color": str(st.live_color) if st.live_color else None,
         "colors": st.colors,
+        "frontend": st.frontend or None,
+        "draining": (
+            {"color": str(st.draining.color), "deadline": st.draining.deadline}
+            if st.draining
+            else None
+        ),
+        # set while an upgrade runs; still set after a crash: `aipbxctl reconcile`
+        "upgrading": st.upgrading or None,
         "set_up": paths.secrets.exists(),
         "services": [asdict(services.state(u)) for u in unit_names()],
         "health": fetch_health(health_url(paths)),
@@ -101,6 +110,18 @@ def format_text(data: dict[str, Any]) -> str:
     ]
     for color, release in sorted(data["colors"].items()):
         lines.append(f"{color + ':':11} {release}")
+    if data.get("frontend"):
+        lines.append(f"frontend:   {data['frontend']}")
+    if data.get("draining"):
+        left = data["draining"]["deadline"] - time.time()
+        lines.append(
+            f"draining:   {data['draining']['color']} (stopped when idle, at the "
+            f"latest in {max(0, left):.0f}s)"
+        )
+    if data.get("upgrading"):
+        lines.append(
+            f"upgrading:  {data['upgrading']} (if no upgrade runs: `aipbxctl " "reconcile`)"
+        )
     lines.append("")
     lines.append(f"{'SERVICE':34} {'STATE':20} {'ENABLED':10} SINCE")
     for s in data["services"]:
