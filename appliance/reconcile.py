@@ -30,6 +30,14 @@ def units(paths: Paths, services: Services) -> list[str]:
         changes.append(f"the drain of {st.draining.color} is over")
         st = st.with_(draining=None, upgrading="")
         state.save(paths.state, st)
+    if st.upgrading and st.draining is None:
+        # The caller holds the mutation lock: no upgrade runs, this one was interrupted.
+        changes.append(
+            f"an interrupted upgrade to {st.upgrading} ended; live is "
+            f"{st.live_release() or 'nothing'}"
+        )
+        st = st.with_(upgrading="")
+        state.save(paths.state, st)
     for color in ("blue", "green"):
         unit = f"aipbx-backend@{color}.service"
         s = services.state(unit)
