@@ -14,7 +14,7 @@ from pathlib import Path
 from appliance import __version__, netcheck
 from appliance import config as config_mod
 from appliance import log as logmod
-from appliance.actions import doctor, logs, rollout, setup, status
+from appliance.actions import db_cmd, doctor, logs, rollout, setup, status
 from appliance.cli import parser
 from appliance.errors import AipbxError, ExitCode, UsageError
 from appliance.paths import Paths
@@ -81,6 +81,18 @@ def _dispatch(args: object, paths: Paths) -> int:
     if cmd == "reconcile":
         print("\n".join(rollout.run_reconcile(paths, services)) or "reconcile: all in line")
         return ExitCode.OK
+    if cmd == "backup":
+        done = db_cmd.run_backup(paths, a)
+        _print_json(done) if a["json"] else print(db_cmd.format_backup(done))
+        return ExitCode.OK
+    if cmd == "backups":
+        data = db_cmd.list_backups(paths)
+        _print_json(data) if a["json"] else print(db_cmd.format_backups(data))
+        return ExitCode.OK
+    if cmd == "restore":
+        result = db_cmd.run_restore(paths, services, a)
+        _print_json(result) if a["json"] else print(db_cmd.format_restore(result))
+        return ExitCode.OK
     if cmd == "doctor":
         findings = doctor.diagnose(paths, services)
         if a["json"]:
@@ -105,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "upgrade",
             "rollback",
             "reconcile",
+            "restore",
         )
         if needs_root and os.geteuid() != 0:
             raise UsageError(

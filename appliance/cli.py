@@ -83,6 +83,25 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("reconcile", help="make nginx, nft and the units match state.json")
 
+    bk = sub.add_parser(
+        "backup", help="back up the database now (pg_dump -Fc, verified, then retention)"
+    )
+    bk.add_argument("--json", action="store_true", help="machine-readable output")
+    # What aipbx-backup.service runs (as postgres), and its privileged ExecStopPost.
+    bk.add_argument("--scheduled", action="store_true", help=argparse.SUPPRESS)
+    bk.add_argument("--record-unit-result", action="store_true", help=argparse.SUPPRESS)
+
+    bl = sub.add_parser("backups", help="the database backups: size, age, verified")
+    bl.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rs = sub.add_parser(
+        "restore",
+        help="replace the database with a backup (checked first; the API answers 503 meanwhile)",
+    )
+    rs.add_argument("file", help="a backup file, or its name in the backup directory")
+    rs.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rs.add_argument("--json", action="store_true", help="print the steps and row counts as JSON")
+
     d = sub.add_parser("doctor", help="list what is wrong on this host, with a hint each")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -108,6 +127,13 @@ def _rollout_options(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="S",
         help="seconds the new color has to become healthy (default: the manifest's)",
+    )
+    p.add_argument(
+        "--restore-db",
+        action="store_true",
+        help="also put back the database backed up before the upgrade (upgrade: if it fails "
+        "after its migration ran; rollback: the backup taken before the release being left "
+        "was installed). Every write since that backup is lost",
     )
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--json", action="store_true", help="print the steps and figures as JSON")

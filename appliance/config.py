@@ -97,6 +97,31 @@ def _at_least_1(n: int) -> int:
     return n
 
 
+def _absolute_dir(d: str) -> str:
+    if not d.startswith("/") or any(c.isspace() for c in d) or "/../" in f"{d}/":
+        raise ValueError(f"{d!r} is not an absolute directory path (no spaces, no ..)")
+    return d.rstrip("/") or "/"
+
+
+def _hh_mm(t: str) -> str:
+    """A time of day, HH:MM (24 h, UTC)."""
+    parts = t.split(":")
+    ok = len(parts) == 2 and all(len(p) == 2 and p.isdigit() for p in parts)
+    if not ok or int(parts[0]) > 23 or int(parts[1]) > 59:
+        raise ValueError(f"{t!r} is not a time of day like 03:00 (HH:MM, UTC)")
+    return t
+
+
+@dataclass(frozen=True)
+class Backups:
+    # pg_dump -Fc files (0600 postgres), each verified before it gets its final name.
+    dir: str = field(default="/var/backups/aipbx", metadata=_check(_absolute_dir))
+    # Backups older than this are deleted after a good backup; the newest good one never.
+    retention_days: int = field(default=30, metadata=_check(_at_least_1))
+    # When aipbx-backup.timer runs every day, in UTC.
+    time: str = field(default="03:00", metadata=_check(_hh_mm))
+
+
 def _percent(n: int) -> int:
     if not 1 <= n <= 99:
         raise ValueError(f"{n} is not a percentage between 1 and 99")
@@ -175,6 +200,7 @@ class Config:
     upgrade: Upgrade = field(default_factory=Upgrade)
     watchdog: Watchdog = field(default_factory=Watchdog)
     alerts: Alerts = field(default_factory=Alerts)
+    backups: Backups = field(default_factory=Backups)
 
 
 def _watchdog_cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str]) -> list[str]:

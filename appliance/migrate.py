@@ -1,67 +1,198 @@
-"""Migrations inside an upgrade: a pre-upgrade backup (pg_dump -Fc, verified with
-pg_restore --list), then the release's migrate command, run from the new release as the
-service user with the backend's environment. A failed migration restores the backup."""
+"""Migrations inside an upgrade (DESIGN decision 7): a pre-upgrade backup (appliance.backup:
+pg_dump -Fc, verified, renamed only when good), then the release's migrate command, run
+from the new release before the new color starts.
+
+The command runs as the service user (_aipbx) with the backend's environment and a clean
+one otherwise (no root HOME, no sudo variables), a private HOME/TMPDIR, its own process
+group (a timeout kills all of it), and DB_HOST/DB_PORT pointing at PostgreSQL itself on
+loopback rather than PgBouncer: a migration tool may need a session (advisory locks, SET,
+prepared statements), which transaction pooling does not keep.
+
+When it fails, the database must be as it was, and the operator is told how that was
+ensured: if its schema is unchanged (the migration ran in a transaction, which PostgreSQL
+rolled back) nothing is restored and no write of the live color is lost; if the migration
+left changes, the pre-upgrade backup is restored in one transaction (appliance.restore),
+and the writes the live color made since the backup are named as lost."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from appliance import secrets
+from appliance import backup, secrets
 from appliance.colors import Color
 from appliance.config import Config
-from appliance.errors import AipbxError, CommandError
+from appliance.errors import AipbxError
 from appliance.launcher import backend_env
 from appliance.paths import Paths
 from appliance.releases import SERVICE_USER, Installed
-from appliance.run import run
+
+log = logging.getLogger("aipbx.migrate")
+
+TIMEOUT_S = 3600.0
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class MigrationFailed(AipbxError):
+    """The release's migration failed; `database` says what became of the database:
+    unchanged (nothing to undo), restored (from the pre-upgrade backup) or changed (the
+    restore failed too: the operator must act)."""
+
+    def __init__(self, message: str, *, hint: str, database: str, backup_file: Path) -> None:
+        super().__init__(message, hint=hint)
+        self.database = database
+        self.backup_file = backup_file
 
 
 def backup_before(paths: Paths, cfg: Config, rel: Installed) -> Path:
-    paths.backups.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest = paths.backups / f"pre-upgrade-{rel.dirname}-{stamp}.dump"
-    tmp = dest.with_name(f".{dest.name}.partial")
-    run(
-        ["runuser", "-u", "postgres", "--", "pg_dump", "-Fc", "-f", str(tmp), cfg.database.name],
-        timeout=3600,
-        hint="the upgrade stopped before any change",
+    """The pre-upgrade backup (waits for a daily backup that happens to run)."""
+    done = backup.take(
+        paths, cfg, kind=backup.PRE_UPGRADE, label=rel.dirname, prune_old=False, wait=3600
     )
-    run(["runuser", "-u", "postgres", "--", "pg_restore", "--list", str(tmp)], timeout=600)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, dest)
-    return dest
+    return Path(done["file"])
 
 
-def run_migration(paths: Paths, cfg: Config, rel: Installed, backup: Path) -> None:
-    env = backend_env(cfg, Color.BLUE, rel.manifest, rel.path, {"PATH": "/usr/bin:/bin"})
-    env["DB_HOST"] = "127.0.0.1"  # from the host, PgBouncer on loopback
+def migration_env(
+    paths: Paths, cfg: Config, rel: Installed, home: Path
+) -> tuple[dict[str, str], list[str]]:
+    """The migration's whole environment, and the secret values in it (to mask)."""
+    base = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": str(home), "TMPDIR": str(home)}
+    env = backend_env(cfg, Color.BLUE, rel.manifest, rel.path, base)
+    env.pop("AIPBX_COLOR", None)  # it runs on no color
+    env["AIPBX_MIGRATE"] = "1"
+    # PostgreSQL itself, on loopback (SCRAM), not PgBouncer's transaction pool.
+    env["DB_HOST"] = "127.0.0.1"
+    env["DB_PORT"] = str(cfg.database.postgres_port)
     secret = secrets.load(paths.secrets)
     env.update(secret)
-    # runuser without --login keeps the environment: the password never enters an argv.
-    argv = ["runuser", "-u", SERVICE_USER, "--", *rel.manifest.migrate]
+    env["USER"] = env["LOGNAME"] = SERVICE_USER
+    return env, [v for v in secret.values() if v]
+
+
+def _masked(text: str, hidden: list[str]) -> str:
+    for s in hidden:
+        text = text.replace(s, "***")
+    return text
+
+
+def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run as the service user in a process group of its own; (exit code, output)."""
+    with tempfile.TemporaryFile() as output:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                user=SERVICE_USER,
+                group=SERVICE_USER,
+                extra_groups=[],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                umask=0o027,
+            )
+        except OSError as e:
+            return 127, f"{argv[0]}: {e.strerror}"
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = -1
+        # Whatever it left running in its group goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+    if code == -1:
+        text += f"\ntimed out after {timeout:.0f}s"
+    return code, text
+
+
+def run_migration(
+    paths: Paths,
+    cfg: Config,
+    rel: Installed,
+    backup_file: Path,
+    figures: dict[str, Any] | None = None,
+    *,
+    timeout: float = TIMEOUT_S,
+) -> str:
+    """Run the release's migration; returns what happened, for the upgrade's steps. On a
+    failure raises MigrationFailed after making sure the database is as it was."""
+    figures = figures if figures is not None else {}
+    before = backup.schema_fingerprint(cfg)
     try:
-        run(argv, cwd=str(rel.path), env=env, timeout=3600, secrets=list(secret.values()))
-    except CommandError as e:
-        run(
-            [
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                "pg_restore",
-                "--clean",
-                "--if-exists",
-                "--single-transaction",
-                "-d",
-                cfg.database.name,
-                str(backup),
-            ],
-            timeout=3600,
-        )
-        raise AipbxError(
-            f"the migration of {rel.dirname} failed ({e.message}); the database was restored "
-            f"from {backup}",
+        pw = pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        raise AipbxError(f"there is no {SERVICE_USER} user: reinstall aipbx-appliance") from None
+    home = Path(tempfile.mkdtemp(prefix="aipbx-migrate-"))
+    try:
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        env, hidden = migration_env(paths, cfg, rel, home)
+        t0 = time.monotonic()
+        code, output = _run(list(rel.manifest.migrate), rel.path, env, timeout)
+        took = time.monotonic() - t0
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    output = _masked(output, hidden)
+    for line in output.splitlines()[-200:]:
+        log.info("migration of %s: %s", rel.dirname, line, extra={"fields": {"action": "migrate"}})
+    if code == 0:
+        figures.update(database="migrated", migrate_s=round(took, 3))
+        return f"migration done in {took:.1f}s"
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    why = f"exit {code}: {lines[-1] if lines else 'no output'}"
+    after = backup.schema_fingerprint(cfg)
+    if after == before:
+        figures.update(database="unchanged")
+        raise MigrationFailed(
+            f"the migration of {rel.dirname} failed ({why}). The database is as it was: the "
+            "migration left no change (PostgreSQL rolled its transaction back), so the "
+            f"pre-upgrade backup was not restored (it is kept: {backup_file})",
             hint="the live color was not touched; fix the migration and upgrade again",
+            database="unchanged",
+            backup_file=backup_file,
+        )
+    from appliance import restore
+
+    taken = backup.read_meta(backup_file) or {}
+    since = time.strftime("%H:%M:%S UTC", time.gmtime(float(taken.get("created") or 0)))
+    try:
+        restore.restore_database(cfg, backup_file, lock_timeout="120s")
+    except AipbxError as e:
+        figures.update(database="changed")
+        raise MigrationFailed(
+            f"the migration of {rel.dirname} failed ({why}) and left changes in the "
+            f"database; restoring the pre-upgrade backup {backup_file} failed too "
+            f"({e.message}): the database is as the migration left it",
+            hint=f"the live color was not switched; `aipbxctl restore {backup_file}`",
+            database="changed",
+            backup_file=backup_file,
         ) from e
+    figures.update(database="restored")
+    log.error(
+        "the migration of %s failed and the database was restored from %s",
+        rel.dirname,
+        backup_file,
+        extra={"fields": {"action": "migrate", "outcome": "restored"}},
+    )
+    raise MigrationFailed(
+        f"the migration of {rel.dirname} failed ({why}) after changing the database: it was "
+        f"restored from the pre-upgrade backup {backup_file} in one transaction. Writes the "
+        f"live color made since that backup ({since}) are not in it",
+        hint="the live color was not switched; fix the migration and upgrade again",
+        database="restored",
+        backup_file=backup_file,
+    )

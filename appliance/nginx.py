@@ -38,7 +38,9 @@ def tls_files(cfg: Config, paths: Paths) -> TlsFiles:
     return TlsFiles(paths.selfsigned_cert, paths.selfsigned_key)
 
 
-def render_site(cfg: Config, paths: Paths, *, ipv6: bool) -> str:
+def render_site(cfg: Config, paths: Paths, *, ipv6: bool, maintenance: bool = False) -> str:
+    """`maintenance`: /api/, the WebSocket routes and the service ports answer 503 with
+    Retry-After (the @aipbx_unavailable page) while `aipbxctl restore` runs."""
     tls = tls_files(cfg, paths)
     bind = cfg.nginx.service_bind
     host = f"[{bind}]" if ":" in bind else bind
@@ -58,6 +60,7 @@ def render_site(cfg: Config, paths: Paths, *, ipv6: bool) -> str:
         acme_webroot=paths.acme_webroot,
         frontend_root=paths.frontend / "current",
         service_listen=service_listen,
+        maintenance=maintenance,
     )
 
 

@@ -305,9 +305,11 @@ def upgrade(ctx: Ctx, artifact: Path, opts: Options) -> dict[str, Any]:
         from appliance import migrate
 
         backup = migrate.backup_before(ctx.paths, ctx.cfg, rel)
+        ctx.tl.figures["pre_upgrade_backup"] = str(backup)
         ctx.tl.step(Step.BACKUP, f"pre-upgrade backup {backup}")
-        migrate.run_migration(ctx.paths, ctx.cfg, rel, backup)
-        ctx.tl.step(Step.MIGRATE, "migration done")
+        # On a failure it says (and sets figures["database"]) what became of the database.
+        done = migrate.run_migration(ctx.paths, ctx.cfg, rel, backup, ctx.tl.figures)
+        ctx.tl.step(Step.MIGRATE, done)
     return deploy(ctx, rel, opts)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from appliance import config as config_mod
 from appliance import reconcile, releases, state, upgrade, validate
+from appliance.actions import db_cmd
 from appliance.colors import Color
 from appliance.errors import AipbxError, UsageError
 from appliance.fsutil import locked
@@ -48,15 +49,39 @@ def run_rollout(paths: Paths, services: Services, a: dict[str, Any], verb: str) 
     tl = upgrade.Timeline(out=out)
     ctx = upgrade.Ctx(paths, cfg, services, tl)
     target = a.get("artifact") or a.get("to") or "previous"
-    _confirm(f"{verb} to {target}", a["yes"])
     before = state.load(paths.state).live_release()
+    # --restore-db never happens silently: the backup is found and checked, and the
+    # operator confirms, before anything changes.
+    restore_file = None
+    if a.get("restore_db") and verb == "rollback":
+        restore_file, verified = db_cmd.pre_upgrade_backup(paths, cfg, before)
+        db_cmd.confirm(
+            f"roll back to {target} and restore the database from {restore_file.name} "
+            "(every write since that backup is lost)",
+            a["yes"],
+        )
+    else:
+        _confirm(f"{verb} to {target}", a["yes"])
     with locked(paths.lock, "upgrade or rollback"):
         try:
             if verb == "upgrade":
                 figures = upgrade.upgrade(ctx, Path(a["artifact"]), opts)
+            elif restore_file is not None:
+                figures = db_cmd.rollback_restoring(
+                    paths,
+                    cfg,
+                    services,
+                    restore_file,
+                    verified,
+                    out,
+                    lambda: upgrade.rollback(ctx, a["to"], opts),
+                )
             else:
                 figures = upgrade.rollback(ctx, a["to"], opts)
         except AipbxError as e:
+            if verb == "upgrade" and a.get("restore_db"):
+                # The upgrade failed after its migration: put the pre-upgrade backup back.
+                db_cmd.restore_after_failed_upgrade(paths, cfg, services, tl.figures, out)
             audit(verb, "failed", target=target, from_release=before, error=e.message)
             if a["json"]:
                 failed = {"ok": False, "error": e.message, "steps": tl.steps, **tl.figures}

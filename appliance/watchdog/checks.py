@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +33,8 @@ PGBOUNCER = "pgbouncer"
 DISK = "disk"
 MEMORY = "memory"
 CERT = "cert"
-ALL_CHECKS = (BACKEND_HTTP, BACKEND_WS, NGINX, POSTGRESQL, PGBOUNCER, DISK, MEMORY, CERT)
+BACKUP = "backup"
+ALL_CHECKS = (BACKEND_HTTP, BACKEND_WS, NGINX, POSTGRESQL, PGBOUNCER, DISK, MEMORY, CERT, BACKUP)
 
 NGINX_UNIT = "nginx.service"
 POSTGRESQL_UNIT = "postgresql.service"
@@ -60,6 +62,7 @@ class Targets:
     disk_paths: tuple[Path, ...]
     cert: Path | None
     host: str = "127.0.0.1"  # where nginx, PostgreSQL and PgBouncer answer
+    backup_status: Path | None = None  # backup-status.json; None: not watched
 
 
 def unit_of(check: str, t: Targets) -> str | None:
@@ -156,6 +159,28 @@ class CertWatch:
         return self._info, self._expires
 
 
+class BackupWatch:
+    """The backups' status file (appliance.backup writes it after every daily or manual
+    backup), parsed again only when it changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, int] | None = None
+        self._doc: dict[str, object] = {}
+
+    def doc(self, path: Path) -> dict[str, object]:
+        from appliance.backup import load_status_file
+
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._key, self._doc = None, {}
+            return self._doc
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._key:
+            self._doc, self._key = load_status_file(path), key
+        return self._doc
+
+
 class Checks:
     def __init__(self, settings: Settings, services: Services, clock: Clock) -> None:
         self.s = settings
@@ -173,7 +198,9 @@ class Checks:
             DISK: self.disk,
             MEMORY: self.memory,
             CERT: self.cert,
+            BACKUP: self.backup,
         }
+        self.backups = BackupWatch()
 
     async def run(self, check: str, t: Targets) -> Result:
         """One check, never raising, never longer than the timeout."""
@@ -271,3 +298,13 @@ class Checks:
         text = f"{t.cert} expires in {days} days ({info.not_after})"
         error = "" if status is Status.OK else f"certificate {text}"
         return Result(status, error=error, detail=text)
+
+    async def backup(self, t: Targets) -> Result:
+        """The last daily or manual backup: CRITICAL when it failed (no restart: an alert),
+        WARNING when the newest good one is old."""
+        from appliance.backup import judge
+
+        if t.backup_status is None:
+            return Result(Status.IDLE, detail="not watched")
+        level, error, detail = judge(self.backups.doc(t.backup_status), time.time())
+        return Result(Status(level), error=error, detail=detail)

@@ -67,4 +67,5 @@ class LiveTargets:
             db_name=c.database.name,
             disk_paths=(self.paths.var, self.paths.opt, self.paths.backups),
             cert=cert_path(c, self.paths),
+            backup_status=self.paths.var / "backup-status.json",
         )

@@ -46,11 +46,13 @@ def values(name: str, section: str, key: str) -> list[str]:
 def test_the_expected_units_exist() -> None:
     assert SERVICES == [
         "aipbx-backend@.service",
+        "aipbx-backup.service",
         "aipbx-netns@.service",
         "aipbx-pgbouncer.service",
         "aipbx-watchdog.service",
     ]
     assert (UNITS / "aipbx.target").is_file()
+    assert (UNITS / "aipbx-backup.timer").is_file()
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -134,6 +136,35 @@ def test_pgbouncer_is_skipped_until_setup() -> None:
     assert svc.get("Type") == "notify"
     assert svc.get("User") == "postgres"
     assert svc.get("ExecStart") == "/usr/sbin/pgbouncer /etc/aipbx/pgbouncer.ini"
+
+
+def test_backup_is_a_sandboxed_postgres_oneshot_on_a_daily_timer() -> None:
+    u = unit("aipbx-backup.service")
+    svc = u["Service"]
+    assert svc.get("Type") == "oneshot"
+    assert svc.get("User") == "postgres" and svc.get("Group") == "postgres"
+    assert svc.get("ExecStart") == "/usr/bin/aipbxctl backup --scheduled"
+    # the outcome is recorded by root, even for a run that was killed
+    assert svc.get("ExecStopPost") == "+/usr/bin/aipbxctl backup --record-unit-result"
+    assert svc.get("ReadWritePaths") == "/var/backups/aipbx"
+    assert svc.get("PrivateNetwork") == "yes" and svc.get("RestrictAddressFamilies") == "AF_UNIX"
+    assert svc.get("UMask") == "0077"
+    hidden = {
+        p for v in values("aipbx-backup.service", "Service", "InaccessiblePaths") for p in v.split()
+    }
+    assert {"-/etc/aipbx/secrets.env", "-/var/lib/aipbx", "-/opt/aipbx"} <= hidden
+    assert u["Unit"].get("ConditionPathExists") == "/etc/aipbx/secrets.env"
+    assert "Install" not in u  # only the timer starts it
+    t = unit("aipbx-backup.timer")
+    assert t["Timer"].get("OnCalendar") == "*-*-* 03:00:00 UTC"
+    assert t["Timer"].get("Persistent") == "true"
+    assert t["Install"].get("WantedBy") == "timers.target"
+
+
+def test_packaging_starts_the_backup_timer_not_its_service() -> None:
+    rules = (ROOT / "packaging/debian/rules").read_text()
+    assert "\tdh_installsystemd aipbx-backup.timer\n" in rules
+    assert "dh_installsystemd aipbx-backup.service" not in rules
 
 
 @pytest.mark.parametrize("name", SERVICES)

@@ -1,0 +1,708 @@
+"""Database backups (DESIGN decision 11): `pg_dump -Fc` of the appliance's database into
+[backups] dir (0700 postgres), each file 0600.
+
+A backup is written under a hidden temporary name (`.NAME.partial`), verified (pg_restore
+--list, then a full read of every data block, which --list alone does not do: a file cut
+short after its table of contents still lists fine) and only then renamed to its final
+name, with a sidecar `NAME.json` holding its size and sha256. A failed or interrupted
+backup therefore never leaves a file that looks good; a stale partial is removed by the
+next backup. After a good backup, files older than retention_days are deleted, but never
+the newest good one.
+
+Who runs it: aipbx-backup.service (User=postgres, from aipbx-backup.timer) runs the pg
+tools itself; `aipbxctl backup` as root runs them through `runuser -u postgres`. Both go
+through PostgreSQL's local socket with peer authentication, never through PgBouncer.
+
+The outcome of scheduled and manual backups is kept in /var/lib/aipbx/backup-status.json
+(written by root: by `aipbxctl backup`, or by the unit's privileged ExecStopPost=), which
+the watchdog's `backup` check reads; a failure is also logged at error priority."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pwd
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Config
+from appliance.errors import AipbxError, CommandError, LockedError, UsageError
+from appliance.fsutil import atomic_write
+from appliance.paths import Paths
+from appliance.services import Services
+
+log = logging.getLogger("aipbx.backup")
+
+PG_USER = "postgres"
+SUFFIX = ".dump"
+META_SUFFIX = ".json"  # NAME.dump.json beside NAME.dump
+PARTIAL = ".partial"
+LOCK_NAME = ".lock"
+LAST_RUN = ".last-run.json"  # what the unprivileged unit tells its ExecStopPost
+STATUS_NAME = "backup-status.json"
+UNIT = "aipbx-backup.service"
+TIMER = "aipbx-backup.timer"
+# The timer runs daily: a newest good backup older than this is a WARNING.
+STALE_AFTER_S = 48 * 3600
+SCHEMA = 1
+
+# Kinds of backups. daily: the timer; manual: `aipbxctl backup`; pre-upgrade: before a
+# release's migration; pre-restore: the database as it was before `aipbxctl restore`.
+DAILY, MANUAL, PRE_UPGRADE, PRE_RESTORE = "daily", "manual", "pre-upgrade", "pre-restore"
+KINDS = (DAILY, MANUAL, PRE_UPGRADE, PRE_RESTORE)
+_STAMP = re.compile(r"(\d{8}T\d{6}Z)")
+
+
+class BackupError(AipbxError):
+    """A backup failed; no file with a final name was left for it."""
+
+
+# --- names and places (pure) --------------------------------------------------------
+
+
+def backup_dir(cfg: Config, paths: Paths) -> Path:
+    return paths.root / cfg.backups.dir.lstrip("/")
+
+
+def status_path(paths: Paths) -> Path:
+    return paths.var / STATUS_NAME
+
+
+def stamp(at: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at))
+
+
+def file_name(kind: str, db: str, at: float, label: str = "") -> str:
+    """daily/manual: DB-STAMP.dump; pre-upgrade: pre-upgrade-RELEASE-STAMP.dump;
+    pre-restore: pre-restore-DB-STAMP.dump."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown backup kind {kind!r}")
+    if kind == PRE_UPGRADE:
+        if not label or "/" in label or label.startswith("."):
+            raise ValueError(f"a pre-upgrade backup needs a release name, not {label!r}")
+        return f"pre-upgrade-{label}-{stamp(at)}{SUFFIX}"
+    if kind == PRE_RESTORE:
+        return f"pre-restore-{db}-{stamp(at)}{SUFFIX}"
+    return f"{db}-{stamp(at)}{SUFFIX}"
+
+
+def kind_of_name(name: str) -> str:
+    if name.startswith("pre-upgrade-"):
+        return PRE_UPGRADE
+    if name.startswith("pre-restore-"):
+        return PRE_RESTORE
+    return DAILY
+
+
+def meta_path(dump: Path) -> Path:
+    return dump.with_name(dump.name + META_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: Path
+    bytes: int
+    mtime: float
+    meta: Mapping[str, Any] | None  # the sidecar, None when there is none (or unreadable)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def kind(self) -> str:
+        kind = (self.meta or {}).get("kind")
+        return str(kind) if kind in KINDS else kind_of_name(self.name)
+
+    @property
+    def verified(self) -> bool:
+        """Verified when it was written, and still the size it had then (a copy cut short
+        fails this; `aipbxctl restore` checks the sha256 and every block again)."""
+        m = self.meta or {}
+        return bool(m.get("verified")) and m.get("bytes") == self.bytes
+
+    def row(self, now: float) -> dict[str, Any]:
+        return {
+            "file": str(self.path),
+            "name": self.name,
+            "kind": self.kind,
+            "bytes": self.bytes,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.mtime)),
+            "age_s": round(max(0.0, now - self.mtime)),
+            "verified": self.verified,
+            "sha256": (self.meta or {}).get("sha256"),
+            "release": (self.meta or {}).get("label") or None,
+        }
+
+
+def expired(backups: Sequence[Backup], now: float, retention_days: int) -> list[Backup]:
+    """What retention deletes: older than the window, never the newest good backup (nor,
+    when none is known to be good, the newest backup at all)."""
+    if not backups:
+        return []
+    cutoff = now - retention_days * 86400
+    good = [b for b in backups if b.verified]
+    keep = max(good or list(backups), key=lambda b: (b.mtime, b.name))
+    return sorted(
+        (b for b in backups if b.mtime < cutoff and b.path != keep.path),
+        key=lambda b: b.mtime,
+    )
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def human_age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 2 * 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+# --- listing ---------------------------------------------------------------------------
+
+
+def read_meta(dump: Path) -> Mapping[str, Any] | None:
+    try:
+        data = json.loads(meta_path(dump).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def list_backups(directory: Path) -> list[Backup]:
+    """The backups in `directory`, oldest first. Hidden files (partials) are not backups."""
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        raise UsageError(
+            f"{directory}: permission denied (it is 0700 postgres)", hint="sudo aipbxctl backups"
+        ) from None
+    out = []
+    for p in entries:
+        if p.name.startswith(".") or not p.name.endswith(SUFFIX):
+            continue
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if not os.path.isfile(p):
+            continue
+        out.append(Backup(p, st.st_size, st.st_mtime, read_meta(p)))
+    return sorted(out, key=lambda b: (b.mtime, b.name))
+
+
+def find_pre_upgrade(directory: Path, release: str) -> Backup | None:
+    """The newest backup taken before the upgrade to `release`."""
+    prefix = f"pre-upgrade-{release}-"
+    found = [
+        b
+        for b in list_backups(directory)
+        if b.name.startswith(prefix) and _STAMP.fullmatch(b.name[len(prefix) : -len(SUFFIX)])
+    ]
+    return found[-1] if found else None
+
+
+# --- running the pg tools as postgres -------------------------------------------------
+
+
+def _pg_ids() -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam(PG_USER)
+    except KeyError:
+        raise AipbxError("there is no postgres user: is PostgreSQL installed?") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def as_postgres(argv: Sequence[str]) -> list[str]:
+    """argv run as postgres: directly when we are postgres (the unit), through runuser when
+    root (aipbxctl)."""
+    uid, _ = _pg_ids()
+    if os.geteuid() == uid:
+        return list(argv)
+    if os.geteuid() == 0:
+        return ["runuser", "-u", PG_USER, "--", *argv]
+    raise UsageError("backups and restores run as root (or postgres)", hint="use sudo")
+
+
+def pg_run(
+    argv: Sequence[str],
+    *,
+    stdin: Path | None = None,
+    timeout: float | None = 6 * 3600,
+    hint: str | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a pg tool as postgres; `stdin` is opened here (as root when we are root), so
+    postgres needs no access to a file the operator names."""
+    full = as_postgres(argv)
+    log.debug("+ %s", " ".join(full))
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
+        try:
+            proc = subprocess.run(
+                full, stdin=src, capture_output=True, timeout=timeout, check=False
+            )
+        except FileNotFoundError as e:
+            raise CommandError(full, 127, f"{full[0]}: not found", hint=hint) from e
+        except subprocess.TimeoutExpired as e:
+            raise CommandError(full, -1, f"timed out after {timeout}s", hint=hint) from e
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace") or proc.stdout.decode(errors="replace")
+        raise CommandError(full, proc.returncode, err, hint=hint)
+    return proc
+
+
+def _db_args(cfg: Config) -> list[str]:
+    # The local socket (peer authentication as postgres), the cluster's port.
+    return ["-p", str(cfg.database.postgres_port)]
+
+
+def psql(cfg: Config, sql: str, *, db: str | None = None) -> str:
+    argv = ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", *_db_args(cfg)]
+    argv += ["-d", db or cfg.database.name, "-c", sql]
+    return pg_run(argv, timeout=3600).stdout.decode().strip()
+
+
+def db_bytes(cfg: Config) -> int:
+    return int(psql(cfg, f"SELECT pg_database_size('{cfg.database.name}')", db="postgres"))
+
+
+def schema_fingerprint(cfg: Config) -> str:
+    """sha256 of the database's schema (pg_dump --schema-only): what a migration changes."""
+    out = pg_run(["pg_dump", "--schema-only", *_db_args(cfg), cfg.database.name]).stdout
+    return hashlib.sha256(out).hexdigest()
+
+
+def table_rows(cfg: Config) -> dict[str, int]:
+    """Exact row counts of every table of the database, schema.table -> rows."""
+    sql = (
+        "SELECT n.nspname || '.' || c.relname, (xpath('/row/c/text()', query_to_xml("
+        "format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')"
+        "))[1]::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', "
+        "'information_schema') AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1"
+    )
+    rows: dict[str, int] = {}
+    for line in psql(cfg, sql).splitlines():
+        name, _, count = line.rpartition("|")
+        if name:
+            rows[name] = int(count)
+    return rows
+
+
+# --- verification ----------------------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Verified:
+    bytes: int
+    sha256: str
+    entries: int  # table-of-contents entries
+    tables: int  # TABLE DATA entries
+    checksum: bool | None  # True: matches its sidecar; None: no sidecar to compare with
+
+
+def verify_file(path: Path, *, meta: Mapping[str, Any] | None = None) -> Verified:
+    """Refuse a file that is not a whole pg_dump -Fc archive: its size and sha256 against
+    the sidecar (when there is one), `pg_restore --list`, then a full read of every data
+    block into /dev/null (a truncated or corrupt block fails only here)."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    if not path.is_file():
+        raise UsageError(f"{path}: not a regular file")
+    digest = sha256_of(path)
+    checksum: bool | None = None
+    if meta is not None and meta.get("sha256"):
+        if meta.get("bytes") != size or meta.get("sha256") != digest:
+            raise UsageError(
+                f"{path} is not the file that was backed up: {size} bytes, sha256 "
+                f"{digest[:16]}…, but its sidecar records {meta.get('bytes')} bytes, "
+                f"sha256 {str(meta.get('sha256'))[:16]}… (truncated or changed)",
+                hint="choose another backup (`aipbxctl backups`)",
+            )
+        checksum = True
+    hint = "the file is not a complete pg_dump -Fc archive; choose another backup"
+    try:
+        listing = pg_run(["pg_restore", "--list"], stdin=path, hint=hint).stdout.decode()
+        pg_run(["pg_restore", "-f", "/dev/null"], stdin=path, hint=hint)
+    except CommandError as e:
+        raise UsageError(f"{path} is damaged: {e.message}", hint=hint) from e
+    lines = [ln for ln in listing.splitlines() if ln.strip() and not ln.startswith(";")]
+    tables = sum(1 for ln in lines if " TABLE DATA " in ln)
+    return Verified(size, digest, len(lines), tables, checksum)
+
+
+# --- the lock of the backup directory ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def dir_lock(directory: Path, *, wait: float = 0) -> Iterator[None]:
+    """One backup (or restore) at a time per directory. The lock file belongs to postgres
+    so that the unit (postgres) and aipbxctl (root) share it."""
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.geteuid() == 0:
+            uid, gid = _pg_ids()
+            os.fchown(fd, uid, gid)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise LockedError(
+                        f"another backup or restore is in progress ({directory / LOCK_NAME})",
+                        hint="wait for it to finish (`systemctl status aipbx-backup.service`)",
+                    ) from e
+                time.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(directory: Path) -> None:
+    """The backup directory, 0700 postgres:postgres (tmpfiles makes the default one)."""
+    if directory.is_dir():
+        return
+    if os.geteuid() != 0:
+        raise BackupError(f"{directory} does not exist", hint="run `aipbxctl setup` as root")
+    directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+    uid, gid = _pg_ids()
+    os.chown(directory, uid, gid)
+    os.chmod(directory, 0o700)
+
+
+def _own(path: Path) -> None:
+    if os.geteuid() == 0:
+        uid, gid = _pg_ids()
+        os.chown(path, uid, gid)
+
+
+def _remove_stale(directory: Path) -> list[str]:
+    """Under the lock nothing else writes here: a partial is what a killed backup left, a
+    sidecar without its dump what a crash between the two left."""
+    removed = []
+    for p in directory.iterdir():
+        stale = p.name.startswith(".") and p.name.endswith(PARTIAL)
+        orphan = (
+            p.name.endswith(SUFFIX + META_SUFFIX)
+            and not p.with_name(p.name[: -len(META_SUFFIX)]).exists()
+        )
+        if stale or orphan:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def prune(directory: Path, retention_days: int, now: float) -> list[str]:
+    gone = []
+    for b in expired(list_backups(directory), now, retention_days):
+        with contextlib.suppress(FileNotFoundError):
+            b.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            meta_path(b.path).unlink()
+        gone.append(b.name)
+        log.info(
+            "retention: deleted %s (%s old)",
+            b.name,
+            human_age(now - b.mtime),
+            extra={"fields": {"action": "backup-retention", "file": str(b.path)}},
+        )
+    return gone
+
+
+# --- taking a backup ---------------------------------------------------------------------
+
+
+def take(
+    paths: Paths,
+    cfg: Config,
+    *,
+    kind: str,
+    label: str = "",
+    prune_old: bool = True,
+    wait: float = 0,
+) -> dict[str, Any]:
+    directory = backup_dir(cfg, paths)
+    ensure_dir(directory)
+    with dir_lock(directory, wait=wait):
+        return take_locked(paths, cfg, kind=kind, label=label, prune_old=prune_old)
+
+
+def take_locked(
+    paths: Paths, cfg: Config, *, kind: str, label: str = "", prune_old: bool = True
+) -> dict[str, Any]:
+    """A backup, for a caller that holds dir_lock. Returns what was done; raises
+    BackupError (after removing the partial file) when anything fails."""
+    directory = backup_dir(cfg, paths)
+    _remove_stale(directory)
+    started = time.time()
+    dest = directory / file_name(kind, cfg.database.name, started, label)
+    n = 1
+    while dest.exists() or meta_path(dest).exists():  # two backups within one second
+        n += 1
+        dest = dest.with_name(dest.name[: -len(SUFFIX)] + f"-{n}{SUFFIX}")
+    tmp = directory / f".{dest.name}{PARTIAL}"
+    t0 = time.monotonic()
+    try:
+        try:
+            pg_run(
+                ["pg_dump", "-Fc", *_db_args(cfg), "-f", str(tmp), cfg.database.name],
+                hint="is PostgreSQL running? `systemctl status postgresql`",
+            )
+        except CommandError as e:
+            raise BackupError(f"pg_dump of {cfg.database.name} failed: {e.message}") from e
+        os.chmod(tmp, 0o600)
+        dump_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        try:
+            v = verify_file(tmp)
+        except UsageError as e:
+            raise BackupError(f"the new backup failed its verification: {e.message}") from e
+        meta = {
+            "schema": SCHEMA,
+            "kind": kind,
+            "label": label,
+            "database": cfg.database.name,
+            "created": round(started, 3),
+            "bytes": v.bytes,
+            "sha256": v.sha256,
+            "entries": v.entries,
+            "tables": v.tables,
+            "verified": True,
+            "dump_s": round(dump_s, 3),
+        }
+        verify_s = time.monotonic() - t1
+        meta["verify_s"] = round(verify_s, 3)
+        atomic_write(meta_path(dest), json.dumps(meta, indent=2, sort_keys=True) + "\n", mode=0o600)
+        _own(meta_path(dest))
+        t2 = time.monotonic()
+        os.replace(tmp, dest)
+        _fsync_dir(directory)
+        rename_s = time.monotonic() - t2
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if not dest.exists():
+            with contextlib.suppress(FileNotFoundError):
+                meta_path(dest).unlink()
+        raise
+    pruned = prune(directory, cfg.backups.retention_days, time.time()) if prune_old else []
+    log.info(
+        "backup %s: %s in %.1fs, verified in %.1fs",
+        dest.name,
+        human_bytes(v.bytes),
+        dump_s,
+        verify_s,
+        extra={"fields": {"action": "backup", "outcome": "ok", "file": str(dest)}},
+    )
+    return {
+        "ok": True,
+        "file": str(dest),
+        "kind": kind,
+        "bytes": v.bytes,
+        "sha256": v.sha256,
+        "tables": v.tables,
+        "entries": v.entries,
+        "dump_s": round(dump_s, 3),
+        "verify_s": round(verify_s, 3),
+        "backup_s": round(dump_s + rename_s, 3),  # the backup itself, verification aside
+        "total_s": round(time.monotonic() - t0, 3),
+        "pruned": pruned,
+        "at": round(started, 3),
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the status the watchdog reads ----------------------------------------------------
+
+
+def load_status_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_status(paths: Paths) -> dict[str, Any]:
+    return load_status_file(status_path(paths))
+
+
+def record(paths: Paths, *, ok: bool, kind: str, at: float, detail: Mapping[str, Any]) -> None:
+    """Keep the outcome of a daily or manual backup (root only: /var/lib/aipbx)."""
+    doc = load_status(paths)
+    attempt = {"at": round(at, 3), "ok": ok, "kind": kind, **detail}
+    doc["schema"] = SCHEMA
+    doc["last_attempt"] = attempt
+    if ok:
+        doc["last_success"] = attempt
+        doc["consecutive_failures"] = 0
+    else:
+        doc["consecutive_failures"] = int(doc.get("consecutive_failures") or 0) + 1
+    atomic_write(status_path(paths), json.dumps(doc, indent=2, sort_keys=True) + "\n", mode=0o644)
+
+
+def judge(doc: Mapping[str, Any], now: float) -> tuple[str, str, str]:
+    """(level, error, detail) of the backups for the watchdog: level is ok, warning,
+    critical or idle (no backup has run yet)."""
+    last = doc.get("last_attempt")
+    good = doc.get("last_success")
+    if not isinstance(last, dict):
+        return "idle", "", "no backup has run yet"
+    good_text = "no good backup yet"
+    if isinstance(good, dict):
+        age = now - float(good.get("at") or 0)
+        good_text = f"newest good backup {Path(str(good.get('file'))).name}, {human_age(age)} old"
+    if not last.get("ok"):
+        failures = int(doc.get("consecutive_failures") or 1)
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(last.get("at") or 0)))
+        error = f"the {last.get('kind', '')} backup at {when} failed: {last.get('error', '?')}"
+        if failures > 1:
+            error += f" ({failures} failures in a row)"
+        return "critical", error, good_text
+    if isinstance(good, dict) and now - float(good.get("at") or 0) > STALE_AFTER_S:
+        return "warning", f"no backup for {human_age(now - float(good['at']))}", good_text
+    return "ok", "", good_text
+
+
+def write_last_run(directory: Path, doc: Mapping[str, Any]) -> None:
+    """What the unit (postgres) hands to its privileged ExecStopPost, keyed by the run."""
+    data = {**doc, "invocation": os.environ.get("INVOCATION_ID", "")}
+    atomic_write(directory / LAST_RUN, json.dumps(data, sort_keys=True) + "\n", mode=0o600)
+
+
+def record_unit_result(paths: Paths, cfg: Config, env: Mapping[str, str]) -> dict[str, Any]:
+    """ExecStopPost=+ of aipbx-backup.service (root): record how the run ended, from
+    systemd's $SERVICE_RESULT and what the run wrote itself; a run that was killed, timed
+    out or never started its work is a failure too."""
+    directory = backup_dir(cfg, paths)
+    invocation = env.get("INVOCATION_ID", "")
+    try:
+        run_doc = json.loads((directory / LAST_RUN).read_text())
+    except (OSError, ValueError):
+        run_doc = {}
+    if not isinstance(run_doc, dict) or run_doc.get("invocation") != invocation:
+        run_doc = {}
+    result = env.get("SERVICE_RESULT", "")
+    ok = result == "success" and bool(run_doc.get("ok"))
+    at = float(run_doc.get("at") or time.time())
+    if ok:
+        detail = {k: run_doc[k] for k in ("file", "bytes", "dump_s", "verify_s") if k in run_doc}
+    else:
+        error = str(run_doc.get("error") or "")
+        if not error:
+            error = (
+                f"{UNIT} ended with {result or 'an unknown result'} "
+                f"({env.get('EXIT_CODE', '?')} {env.get('EXIT_STATUS', '')})".strip()
+            )
+        detail = {"error": error}
+        log.error(
+            "the daily backup failed: %s",
+            error,
+            extra={"fields": {"action": "backup", "outcome": "failed", "unit": UNIT}},
+        )
+    record(paths, ok=ok, kind=DAILY, at=at, detail=detail)
+    return {"ok": ok, **detail}
+
+
+# --- the timer's time and directory (aipbxctl setup) -------------------------------------
+
+TIMER_DROPIN = "etc/systemd/system/aipbx-backup.timer.d/50-aipbx-time.conf"
+SERVICE_DROPIN = "etc/systemd/system/aipbx-backup.service.d/50-aipbx-dir.conf"
+DEFAULT_DIR = "/var/backups/aipbx"
+
+
+def render_timer_dropin(cfg: Config) -> str:
+    return (
+        "# Generated by `aipbxctl setup` from /etc/aipbx/aipbx.toml [backups] time: "
+        "do not edit.\n[Timer]\nOnCalendar=\n"
+        f"OnCalendar=*-*-* {cfg.backups.time}:00 UTC\n"
+    )
+
+
+def render_service_dropin(cfg: Config) -> str:
+    return (
+        "# Generated by `aipbxctl setup` from /etc/aipbx/aipbx.toml [backups] dir: "
+        "do not edit.\n[Service]\n"
+        f"ReadWritePaths={cfg.backups.dir}\n"
+    )
+
+
+def ensure_setup(paths: Paths, cfg: Config, services: Services) -> list[str]:
+    """The backup directory, and drop-ins when [backups] time or dir differ from the
+    shipped unit's; the timer enabled and started."""
+    from appliance.fsutil import write_if_changed
+
+    changes: list[str] = []
+    directory = backup_dir(cfg, paths)
+    if not directory.is_dir():
+        ensure_dir(directory)
+        changes.append(f"created the backup directory {directory} (0700 postgres)")
+    reload = False
+    wanted = {
+        paths.root / TIMER_DROPIN: render_timer_dropin(cfg) if cfg.backups.time != "03:00" else "",
+        paths.root / SERVICE_DROPIN: (
+            render_service_dropin(cfg) if cfg.backups.dir != DEFAULT_DIR else ""
+        ),
+    }
+    for path, text in wanted.items():
+        if text:
+            if write_if_changed(path, text):
+                reload = True
+                changes.append(f"wrote {path}")
+        elif path.exists():
+            path.unlink()
+            reload = True
+            changes.append(f"removed {path}")
+    if reload:
+        services.daemon_reload()
+        if services.is_active(TIMER):
+            services.restart(TIMER)
+    if not services.is_active(TIMER):
+        services.enable(TIMER, now=True)
+        changes.append(f"enabled and started {TIMER} (daily at {cfg.backups.time} UTC)")
+    return changes
