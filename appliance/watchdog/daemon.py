@@ -62,9 +62,11 @@ def status_line(health: dict[str, Any]) -> str:
     return f"live color {health['live_color'] or 'none'}; checks: {', '.join(parts)}"
 
 
-async def _round(monitor: Monitor, timeout: float, notifier: Notifier, clock: Clock) -> None:
+async def _round(
+    monitor: Monitor, timeout: float, notifier: Notifier, clock: Clock, grace: float
+) -> None:
     task = asyncio.create_task(monitor.round())
-    deadline = clock() + timeout + ROUND_GRACE
+    deadline = clock() + timeout + grace
     said = False
     while True:
         done, _ = await asyncio.wait({task}, timeout=min(ping_interval(), timeout + 1))
@@ -91,11 +93,12 @@ async def supervise(
     stop: asyncio.Event,
     *,
     clock: Clock = time.monotonic,
+    grace: float = ROUND_GRACE,
 ) -> None:
     next_round = clock()
     last_status = ""
     while not stop.is_set():
-        await _round(monitor, settings.timeout, notifier, clock)
+        await _round(monitor, settings.timeout, notifier, clock, grace)
         notifier.notify("WATCHDOG=1")
         line = status_line(monitor.snapshot())
         if line != last_status:

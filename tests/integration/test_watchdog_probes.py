@@ -5,7 +5,6 @@ request is healthy, and neither server logs anything about the probe hanging up.
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
 import pwd
 import shutil
@@ -23,23 +22,12 @@ from appliance.config import Database
 from appliance.watchdog.checks import Checks, Targets
 from appliance.watchdog.model import Result, Status
 from appliance.watchdog.settings import Settings
-from tests.integration.procs import free_port, port_open, stop, wait_for
+from tests.integration.procs import PG_BIN, as_postgres, free_port, port_open, stop, wait_for
 from tests.integration.test_watchdog_loop import FakeBackend, FakeServices
 
 pytestmark = pytest.mark.integration
 
-PG_BIN = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
 SCRAM_NOSYNC = ("--auth-host=scram-sha-256", "--no-sync")
-
-
-def as_postgres(argv: list[str], input: str | None = None) -> None:
-    subprocess.run(
-        ["runuser", "-u", "postgres", "--", *argv],
-        text=True,
-        input=input,
-        capture_output=True,
-        check=True,
-    )
 
 
 @dataclass

@@ -182,27 +182,26 @@ def test_a_stuck_watchdog_is_killed_and_restarted_by_systemd(machine: Machine) -
     wait_until(lambda: health(machine), 30, "the new watchdog's /system-health")
 
 
-def cpu_usec(machine: Machine) -> int:
-    """CPU time of the unit's cgroup: the daemon, its threads and the systemctl it runs."""
-    stat = machine.run(["cat", f"/sys/fs/cgroup/system.slice/{UNIT}/cpu.stat"]).stdout
-    return int(re.search(r"^usage_usec (\d+)$", stat, re.MULTILINE)[1])  # type: ignore[index]
-
-
-def own_cpu_ticks(machine: Machine, pid: int) -> int:
-    """utime + stime of the daemon itself (all its threads), in clock ticks."""
+def cpu_ticks(machine: Machine, pid: int) -> tuple[int, int]:
+    """CPU time of the daemon (all its threads) and of its children that ended (the
+    systemctl it runs), in clock ticks. Not the unit's cgroup: on a host without systemd,
+    machines booted side by side share their cgroup directories, and another machine's
+    watchdog would be counted too."""
     fields = machine.run(["cat", f"/proc/{pid}/stat"]).stdout.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
 
 
 def test_resource_use_with_every_check_on(machine: Machine) -> None:
     _, out = aipbxctl_json(machine, "upgrade", f"/root/{SAMPLE}", "--probation", "2", "--yes")
     assert out["ok"] and out["color"] == "blue", out
 
-    def all_on() -> bool:
+    def backend_on() -> bool:
         h = health(machine)
-        return h is not None and all(c["state"] != "idle" for c in h["checks"].values())
+        return h is not None and all(
+            h["checks"][c]["state"] != "idle" for c in ("backend_http", "backend_ws")
+        )
 
-    wait_until(all_on, 60, "every check on (the backend checks see the live color)")
+    wait_until(backend_on, 60, "every check on (the backend checks see the live color)")
     h = health(machine)
     assert h is not None
     for c in ("backend_http", "backend_ws"):
@@ -211,9 +210,9 @@ def test_resource_use_with_every_check_on(machine: Machine) -> None:
     time.sleep(5)  # past start-up
     before = health(machine)
     assert before is not None
-    t0, cpu0, own0 = time.monotonic(), cpu_usec(machine), own_cpu_ticks(machine, pid)
+    t0, (own0, kids0) = time.monotonic(), cpu_ticks(machine, pid)
     time.sleep(60)
-    t1, cpu1, own1 = time.monotonic(), cpu_usec(machine), own_cpu_ticks(machine, pid)
+    t1, (own1, kids1) = time.monotonic(), cpu_ticks(machine, pid)
     h = health(machine)
     assert h is not None
     rounds = h["rounds"] - before["rounds"]
@@ -222,21 +221,19 @@ def test_resource_use_with_every_check_on(machine: Machine) -> None:
     rss_kib = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)[1])  # type: ignore[index]
     rollup = machine.run(["cat", f"/proc/{pid}/smaps_rollup"]).stdout
     pss_kib = int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)[1])  # type: ignore[index]
-    # The memory controller is not delegated to every container: shown when there.
-    mem = machine.run(
-        ["cat", f"/sys/fs/cgroup/system.slice/{UNIT}/memory.current"], check=False
-    ).stdout.strip()
-    cgroup_mem = f"{int(mem) / 2**20:.1f} MiB" if mem.isdigit() else "n/a"
-    cpu_pct = 100.0 * (cpu1 - cpu0) / 1e6 / (t1 - t0)
     own_pct = 100.0 * (own1 - own0) / ticks / (t1 - t0)
+    kids_pct = 100.0 * (kids1 - kids0) / ticks / (t1 - t0)
+    cpu_pct = own_pct + kids_pct
     figures = (
         f"watchdog over {t1 - t0:.0f} s at a 1 s interval, {rounds} rounds of "
-        f"{len(h['checks'])} checks: CPU {cpu_pct:.2f} % of a core (the unit's cgroup; "
-        f"the daemon alone {own_pct:.2f} %), VmRSS {rss_kib / 1024:.1f} "
-        f"MiB, PSS {pss_kib / 1024:.1f} MiB, cgroup memory.current {cgroup_mem}"
+        f"{len(h['checks'])} checks: CPU {cpu_pct:.2f} % of a core (daemon {own_pct:.2f} %, "
+        f"systemctl {kids_pct:.2f} %), VmRSS {rss_kib / 1024:.1f} MiB, "
+        f"PSS {pss_kib / 1024:.1f} MiB"
     )
     print(figures)
     Path(os.environ.get("AIPBX_WATCHDOG_FIGURES", "/dev/null")).write_text(figures + "\n")
     assert 55 <= rounds <= 62, figures
-    assert cpu_pct <= 1.0, figures
-    assert rss_kib <= 48 * 1024, figures
+    assert cpu_pct <= 0.5, figures  # the target
+    # The target is 30 MiB; aiohttp (the API) alone takes ~9 MiB of this. A guard against
+    # growth, not the target.
+    assert rss_kib <= 40 * 1024, figures

@@ -1,0 +1,64 @@
+"""The supervising loop pings systemd while rounds run within their deadline, and stops
+pinging when a round is stuck, so that WatchdogSec= kills the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from appliance.watchdog import daemon
+from appliance.watchdog.settings import Settings
+
+
+class Pings(daemon.Notifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[tuple[float, str]] = []
+
+    def notify(self, msg: str) -> None:
+        self.got.append((time.monotonic(), msg))
+
+
+class FakeMonitor:
+    def __init__(self, hang_after: int) -> None:
+        self.rounds = 0
+        self.hang_after = hang_after
+
+    async def round(self) -> None:
+        self.rounds += 1
+        if self.rounds > self.hang_after:
+            await asyncio.sleep(3600)  # a round that never ends
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"live_color": None, "checks": {"disk": {"state": "ok"}}}
+
+
+def test_pings_stop_when_a_round_is_stuck(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # ping every 50 ms
+    settings = Settings(interval=0.1, timeout=0.1)
+    monitor = FakeMonitor(hang_after=3)
+    pings = Pings()
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            daemon.supervise(monitor, settings, pings, stop, grace=0.2)  # type: ignore[arg-type]
+        )
+        while monitor.rounds <= 3:
+            await asyncio.sleep(0.01)
+        stuck_at = time.monotonic()
+        await asyncio.sleep(1.0)
+        stop.set()
+        task.cancel()
+        return stuck_at
+
+    stuck_at = asyncio.run(scenario())
+    watchdog = [t for t, m in pings.got if m == "WATCHDOG=1"]
+    assert len([t for t in watchdog if t < stuck_at]) >= 3
+    # pinged while the stuck round was within timeout + grace, then never again
+    last = max(watchdog)
+    assert stuck_at < last <= stuck_at + settings.timeout + 0.2 + 0.06
+    assert ("STATUS=live color none; checks: 1 ok") in [m for _, m in pings.got]
