@@ -93,3 +93,28 @@ def test_daemon_notifies_serves_and_stops(tmp_path: Path) -> None:
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert "never-shown" not in stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_start_up_reconcile_starts_the_live_backend(tmp_path: Path) -> None:
+    import asyncio
+
+    from appliance import state
+    from appliance.colors import Color
+    from appliance.paths import Paths
+    from appliance.services import UnitState
+    from appliance.watchdog import reconcile
+    from tests.integration.test_watchdog_loop import FakeBackend, FakeServices
+
+    class Inactive(FakeServices):
+        def state(self, unit: str) -> UnitState:
+            return UnitState(unit, "failed", "failed", "enabled", "", 0)
+
+    paths = Paths(tmp_path)
+    services = Inactive(FakeBackend(0, 0))
+    assert asyncio.run(reconcile.apply(paths, services)) == []  # no state.json: nothing
+    state.save(paths.state, state.State(live_color=Color.GREEN))
+    actions = asyncio.run(reconcile.apply(paths, services))
+    assert [(a.verb, a.unit) for a in actions] == [("start", "aipbx-backend@green.service")]
+    assert [(verb, unit) for verb, unit, _ in services.calls] == [
+        ("start", "aipbx-backend@green.service")
+    ]
