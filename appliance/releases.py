@@ -129,9 +129,12 @@ def installed(paths: Paths) -> list[Installed]:
     return sorted(out, key=lambda r: r.mtime)
 
 
-def find(paths: Paths, version_or_dir: str) -> Installed:
-    """A release by its dir name or by its version."""
+def find(paths: Paths, version_or_dir: str, *, prefer_name: str | None = None) -> Installed:
+    """A release by its dir name or by its version (of the app `prefer_name` when several
+    apps have that version)."""
     matches = [r for r in installed(paths) if version_or_dir in (r.dirname, r.manifest.version)]
+    if len(matches) > 1 and prefer_name:
+        matches = [r for r in matches if r.manifest.name == prefer_name] or matches
     if len(matches) != 1:
         raise UsageError(
             f"no single installed release matches {version_or_dir!r}"

@@ -320,7 +320,9 @@ def rollback(ctx: Ctx, to: str | None, opts: Options) -> dict[str, Any]:
     prev = st.previous_color
     target: releases.Installed | None = None
     if to is not None:
-        target = releases.find(ctx.paths, to)
+        live = st.live_release()
+        name = releases.get(ctx.paths, live).manifest.name if live else None
+        target = releases.find(ctx.paths, to, prefer_name=name)
     elif prev is not None and str(prev) in st.colors:
         target = releases.get(ctx.paths, st.colors[str(prev)])
     else:

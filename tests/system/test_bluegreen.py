@@ -360,7 +360,15 @@ def test_a_node_backend_with_its_own_runtime(machine: Machine, tmp_path: Path) -
     answer = json.loads(machine.run(["curl", "-s", "http://127.0.0.1:5005/api"]).stdout)
     assert answer["color"] == out["color"] and answer["db_host"].startswith("10.203.0.")
     _, back = aipbxctl_json(
-        machine, "rollback", "--to", "1.0.0", "--probation", "1", "--drain", "2", "--yes"
+        machine,
+        "rollback",
+        "--to",
+        "aipbx-sample-1.0.0",
+        "--probation",
+        "1",
+        "--drain",
+        "2",
+        "--yes",
     )
     assert back["release"] == "aipbx-sample-1.0.0" and api_version(machine) == "1.0.0"
 

@@ -97,3 +97,20 @@ def test_releases_table_has_one_line_per_release() -> None:
     }
     lines = format_releases(data).splitlines()
     assert len(lines) == 3 and lines[1].startswith("a-1") and lines[1].endswith("yes")
+
+
+def test_release_lookup_by_version_prefers_the_live_app(tmp_path: Path) -> None:
+    from appliance import releases
+    from appliance.paths import Paths
+
+    paths = Paths(tmp_path)
+    for name in ("aipbx-sample", "aipbx-node"):
+        d = paths.releases / f"{name}-1.0.0"
+        d.mkdir(parents=True)
+        (d / "aipbx-release.toml").write_text(
+            f'name = "{name}"\nversion = "1.0.0"\nkind = "backend"\ncommand = ["true"]\n'
+        )
+    assert releases.find(paths, "1.0.0", prefer_name="aipbx-node").dirname == "aipbx-node-1.0.0"
+    assert releases.find(paths, "aipbx-sample-1.0.0").dirname == "aipbx-sample-1.0.0"
+    with pytest.raises(UsageError, match="2 do"):
+        releases.find(paths, "1.0.0")
