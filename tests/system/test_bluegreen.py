@@ -275,6 +275,54 @@ def test_a_release_failing_in_probation_is_switched_back(machine: Machine) -> No
     assert "failed in probation" in journal
 
 
+def test_a_reboot_brings_up_exactly_the_live_color(machine: Machine) -> None:
+    assert live_color(machine) == "blue"
+    machine.shutdown()
+    machine.boot()
+    wait_until(lambda: api_version(machine) == "1.0.0", 60, "blue serving after boot")
+    states = {
+        c: machine.run(
+            ["systemctl", "is-active", f"aipbx-backend@{c}.service"], check=False
+        ).stdout.strip()
+        for c in ("blue", "green")
+    }
+    assert states == {"blue": "active", "green": "inactive"}
+    assert udp_version(machine) == "1.0.0"
+    assert_no_failed_units(machine)
+
+
+def test_aipbxctl_killed_mid_upgrade_leaves_the_live_color(machine: Machine) -> None:
+    slow = bad_release(machine, "3.2.0", "hang-after:0")  # starts, never answers
+    proc = threading.Thread(
+        target=lambda: machine.run(
+            ["aipbxctl", "upgrade", slow, "--health-timeout", "60", "--yes"],
+            check=False,
+            timeout=120,
+        ),
+        daemon=True,
+    )
+    proc.start()
+    wait_until(
+        lambda: machine.run(
+            ["systemctl", "is-active", "aipbx-backend@green.service"], check=False
+        ).stdout.strip()
+        == "active",
+        60,
+        "green started",
+    )
+    machine.run(["pkill", "-KILL", "-f", "aipbxctl upgrade"])
+    proc.join(30)
+    assert live_color(machine) == "blue" and api_version(machine) == "1.0.0"
+    status = json.loads(machine.run(["aipbxctl", "status", "--json"]).stdout)
+    assert status["upgrading"] == "aipbx-sample-3.2.0"
+    out = machine.run(["aipbxctl", "reconcile"]).stdout
+    assert "interrupted upgrade" in out and "stopped aipbx-backend@green.service" in out
+    status = json.loads(machine.run(["aipbxctl", "status", "--json"]).stdout)
+    assert status["upgrading"] is None and status["live_color"] == "blue"
+    assert api_version(machine) == "1.0.0"
+    assert_no_failed_units(machine)
+
+
 def test_refused_artifacts_leave_nothing(machine: Machine) -> None:
     before = sorted(os.listdir(machine.path("/opt/aipbx/releases")))
     machine.sh(
