@@ -10,11 +10,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from appliance import __version__, netcheck
 from appliance import config as config_mod
 from appliance import log as logmod
-from appliance.actions import db_cmd, doctor, logs, rollout, setup, status
+from appliance.actions import cert_cmd, db_cmd, doctor, logs, rollout, setup, status
 from appliance.cli import parser
 from appliance.errors import AipbxError, ExitCode, UsageError
 from appliance.paths import Paths
@@ -93,6 +94,8 @@ def _dispatch(args: object, paths: Paths) -> int:
         result = db_cmd.run_restore(paths, services, a)
         _print_json(result) if a["json"] else print(db_cmd.format_restore(result))
         return ExitCode.OK
+    if cmd == "cert":
+        return _cert(a, paths, services)
     if cmd == "doctor":
         findings = doctor.diagnose(paths, services)
         if a["json"]:
@@ -104,6 +107,23 @@ def _dispatch(args: object, paths: Paths) -> int:
                 print(f"{f.severity}: {f.check}: {f.message}\n  hint: {f.hint}")
         return ExitCode.UNHEALTHY if findings else ExitCode.OK
     raise AipbxError(f"unknown command {cmd}")
+
+
+def _cert(a: dict[str, Any], paths: Paths, services: SystemdServices) -> int:
+    action = a["cert_command"]
+    if action == "issue":
+        done = cert_cmd.issue(
+            paths, services, domain=a["domain"], email=a["email"], server=a["server"]
+        )
+        _print_json(done) if a["json"] else print(cert_cmd.format_issue(done))
+    elif action == "status":
+        data = cert_cmd.status(paths)
+        _print_json(data) if a["json"] else print(cert_cmd.format_status(data))
+    elif action == "deploy-hook":
+        print(cert_cmd.deploy_hook(paths, services, os.environ))
+    elif action == "record-unit-result":
+        print(cert_cmd.record_unit_result(paths, os.environ))
+    return ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -102,6 +102,21 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     rs.add_argument("--json", action="store_true", help="print the steps and row counts as JSON")
 
+    ce = sub.add_parser("cert", help="TLS certificates: issue with certbot (ACME), status")
+    cesub = ce.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
+    ci = cesub.add_parser(
+        "issue", help="get a certificate with certbot through nginx's webroot, then serve it"
+    )
+    ci.add_argument("--domain", help="DNS name (default: [site] domain; saved in aipbx.toml)")
+    ci.add_argument("--email", help="ACME account email (default: [site] email; saved)")
+    ci.add_argument("--server", help="ACME directory URL (default: [site] acme_server; saved)")
+    ci.add_argument("--json", action="store_true", help="machine-readable output")
+    cs = cesub.add_parser("status", help="the certificate nginx serves and its renewal")
+    cs.add_argument("--json", action="store_true", help="machine-readable output")
+    # What certbot runs: the deploy hook after a renewal, certbot.service's ExecStopPost.
+    cesub.add_parser("deploy-hook")
+    cesub.add_parser("record-unit-result")
+
     d = sub.add_parser("doctor", help="list what is wrong on this host, with a hint each")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     return p

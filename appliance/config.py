@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import validate as v
+from appliance.acme import acme_url
 from appliance.errors import ConfigError
 from appliance.tomlpos import key_lines, line_of
 
@@ -29,6 +30,10 @@ class Site:
     domain: str = field(default="", metadata=_check(v.domain))
     email: str = field(default="", metadata=_check(v.email))
     public_ip: str = field(default="", metadata=_check(v.ip_address))
+    # The ACME directory `aipbxctl cert issue` asks (Let's Encrypt's production one).
+    acme_server: str = field(
+        default="https://acme-v02.api.letsencrypt.org/directory", metadata=_check(acme_url)
+    )
 
 
 @dataclass(frozen=True)

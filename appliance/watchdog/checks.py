@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from appliance import cert
+from appliance import acme, cert
 from appliance.errors import AipbxError
 from appliance.services import Services
 from appliance.watchdog import probes
@@ -34,7 +34,19 @@ DISK = "disk"
 MEMORY = "memory"
 CERT = "cert"
 BACKUP = "backup"
-ALL_CHECKS = (BACKEND_HTTP, BACKEND_WS, NGINX, POSTGRESQL, PGBOUNCER, DISK, MEMORY, CERT, BACKUP)
+CERT_RENEWAL = "cert_renewal"
+ALL_CHECKS = (
+    BACKEND_HTTP,
+    BACKEND_WS,
+    NGINX,
+    POSTGRESQL,
+    PGBOUNCER,
+    DISK,
+    MEMORY,
+    CERT,
+    BACKUP,
+    CERT_RENEWAL,
+)
 
 NGINX_UNIT = "nginx.service"
 POSTGRESQL_UNIT = "postgresql.service"
@@ -63,6 +75,7 @@ class Targets:
     cert: Path | None
     host: str = "127.0.0.1"  # where nginx, PostgreSQL and PgBouncer answer
     backup_status: Path | None = None  # backup-status.json; None: not watched
+    renewal_status: Path | None = None  # cert-renewal.json; None: not watched
 
 
 def unit_of(check: str, t: Targets) -> str | None:
@@ -181,6 +194,53 @@ class BackupWatch:
         return self._doc
 
 
+class RenewalWatch:
+    """certbot's renewal record (appliance.acme: the deploy hook and certbot.service's
+    ExecStopPost write it), parsed again only when it changes, and certbot.service's last
+    result, asked of systemd in a thread at most every `ttl` seconds."""
+
+    def __init__(
+        self,
+        ttl: float,
+        clock: Clock,
+        ask: Callable[[], acme.UnitRun | None] = acme.certbot_unit_run,
+    ) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.ask = ask
+        self._key: tuple[int, int, int] | None = None
+        self._doc: dict[str, Any] = {}
+        self._unit: acme.UnitRun | None = None
+        self._asked: float | None = None
+        self._asking: asyncio.Task[None] | None = None
+
+    def doc(self, path: Path) -> dict[str, Any]:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._key, self._doc = None, {}
+            return self._doc
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._key:
+            self._doc, self._key = acme.load_status(path), key
+        return self._doc
+
+    def unit(self) -> acme.UnitRun | None:
+        """The last answer (None: not known yet); refreshed in the background when old."""
+        old = self._asked is None or self.clock() - self._asked >= self.ttl
+        if old and self._asking is None:
+            self._asking = asyncio.create_task(self._ask())
+        return self._unit
+
+    async def _ask(self) -> None:
+        try:
+            self._unit = await asyncio.to_thread(self.ask)
+        except Exception as e:
+            log.warning("cannot ask systemd about %s: %s", acme.CERTBOT_UNIT, e)
+        finally:
+            self._asked, self._asking = self.clock(), None
+
+
 class Checks:
     def __init__(self, settings: Settings, services: Services, clock: Clock) -> None:
         self.s = settings
@@ -199,8 +259,10 @@ class Checks:
             MEMORY: self.memory,
             CERT: self.cert,
             BACKUP: self.backup,
+            CERT_RENEWAL: self.cert_renewal,
         }
         self.backups = BackupWatch()
+        self.renewals = RenewalWatch(ttl=max(60.0, settings.interval), clock=clock)
 
     async def run(self, check: str, t: Targets) -> Result:
         """One check, never raising, never longer than the timeout."""
@@ -307,4 +369,13 @@ class Checks:
         if t.backup_status is None:
             return Result(Status.IDLE, detail="not watched")
         level, error, detail = judge(self.backups.doc(t.backup_status), time.time())
+        return Result(Status(level), error=error, detail=detail)
+
+    async def cert_renewal(self, t: Targets) -> Result:
+        """certbot's last renewal: a WARNING when it failed (the old certificate still
+        serves; the `cert` check escalates as its end nears). No unit to restart."""
+        if t.renewal_status is None:
+            return Result(Status.IDLE, detail="not watched")
+        doc = self.renewals.doc(t.renewal_status)
+        level, error, detail = acme.judge_renewal(doc, self.renewals.unit())
         return Result(Status(level), error=error, detail=detail)

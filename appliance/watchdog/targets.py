@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from appliance import state
+from appliance import acme, state
 from appliance.colors import Color, color_net
 from appliance.config import Config
 from appliance.paths import Paths
@@ -68,4 +68,5 @@ class LiveTargets:
             disk_paths=(self.paths.var, self.paths.opt, self.paths.backups),
             cert=cert_path(c, self.paths),
             backup_status=self.paths.var / "backup-status.json",
+            renewal_status=acme.status_path(self.paths),
         )
