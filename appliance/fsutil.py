@@ -106,3 +106,20 @@ def locked(lock_path: Path, what: str, *, wait: float = 0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def lock_held(lock_path: Path, proc_locks: str | None = None) -> bool:
+    """Whether some process holds a flock on lock_path, read from /proc/locks without
+    taking the lock (taking it, even briefly, could make a starting upgrade say busy)."""
+    try:
+        st = lock_path.stat()
+    except FileNotFoundError:
+        return False
+    text = proc_locks if proc_locks is not None else Path("/proc/locks").read_text()
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in text.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF"; blocked waiters have "->"
+        if "->" not in fields and "FLOCK" in fields and dev in fields:
+            return True
+    return False

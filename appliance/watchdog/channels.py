@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
-
-import aiohttp
 
 from appliance.config import Alerts
 from appliance.run import masked
@@ -67,24 +68,35 @@ class Sender(Protocol):
 
 
 class _Http:
-    def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+    """JSON over HTTP with urllib in a worker thread: the watchdog needs one POST per
+    alert, and an HTTP client library would cost it megabytes of memory."""
 
     async def post_json(self, url: str, body: dict[str, Any], timeout: float) -> str:
-        if self._session is None:
-            # trust_env=False: no proxy from the environment; the API is on loopback in tests
-            self._session = aiohttp.ClientSession(trust_env=False)
-        t = aiohttp.ClientTimeout(total=timeout)
-        async with self._session.post(url, json=body, timeout=t) as resp:
-            text = await resp.text()
-            if resp.status >= 300:
-                raise ChannelError(f"HTTP {resp.status}: {text[:200]}")
-            return text
+        return await asyncio.to_thread(_post_json, url, body, timeout)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        pass
+
+
+# No proxy from the environment: the channels are reached directly (loopback in tests).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _post_json(url: str, body: dict[str, Any], timeout: float) -> str:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "aipbx-watchdog"},
+    )
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            text: str = resp.read(65536).decode(errors="replace")
+            return text
+    except urllib.error.HTTPError as e:
+        raise ChannelError(f"HTTP {e.code}: {e.read(200).decode(errors='replace')}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ChannelError(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
 
 
 class Telegram(_Http):

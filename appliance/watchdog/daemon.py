@@ -13,7 +13,6 @@ import faulthandler
 import logging
 import os
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -24,6 +23,7 @@ from appliance import config as config_mod
 from appliance import log as logmod
 from appliance import secrets as secrets_mod
 from appliance.errors import ConfigError
+from appliance.fsutil import lock_held
 from appliance.paths import Paths
 from appliance.watchdog.backoff import Clock
 from appliance.watchdog.monitor import Monitor
@@ -198,7 +198,13 @@ async def _main(paths: Paths) -> None:
         clock=time.monotonic,
     )
     services = SystemdServices()
-    monitor = Monitor(settings, LiveTargets(cfg, paths), services, alerter)
+    monitor = Monitor(
+        settings,
+        LiveTargets(cfg, paths),
+        services,
+        alerter,
+        change_running=lambda: lock_held(paths.lock),
+    )
 
     def health() -> dict[str, Any]:
         return {**monitor.snapshot(), "alerts": alerter.snapshot()}
@@ -218,9 +224,6 @@ def main() -> int:
     # On SIGABRT (systemd's WatchdogSignal) print where every thread was stuck.
     faulthandler.enable()
     logmod.setup(identifier="aipbx-watchdog", stderr=not os.environ.get("JOURNAL_STREAM"))
-    # aiohttp imports its gunicorn worker whenever gunicorn is installed (the appliance
-    # depends on it for releases): megabytes of memory the watchdog never uses.
-    sys.modules.setdefault("gunicorn", None)  # type: ignore[arg-type]
     paths = Paths(Path(os.environ.get("AIPBX_ROOT", "/")))
     try:
         import uvloop

@@ -73,8 +73,13 @@ class Monitor:
         clock: Clock = time.monotonic,
         wall: Callable[[], float] = time.time,
         enabled: Collection[str] = ALL_CHECKS,
+        change_running: Callable[[], bool] = lambda: False,
     ) -> None:
         self.s = settings
+        # An upgrade or rollback holds the mutation lock: it owns the backends meanwhile
+        # (its probation switches back on failure), so their restarts wait.
+        self.change_running = change_running
+        self._deferred_logged = False
         self.targets = targets
         self.services = services
         self.publisher = publisher
@@ -215,6 +220,16 @@ class Monitor:
                     )
             if unit in self._restarting or unit not in self._wanted:
                 continue
+            if unit.startswith("aipbx-backend@") and self.change_running():
+                if not self._deferred_logged:
+                    log.warning(
+                        "%s is down, but an upgrade or rollback is running: its restart waits",
+                        unit,
+                        extra={"fields": {"unit": unit, "action": "restart_deferred"}},
+                    )
+                    self._deferred_logged = True
+                continue
+            self._deferred_logged = False
             down = [cs for cs in states if cs.breaker.state is not BreakerState.CLOSED]
             was_exhausted = policy.exhausted
             decision = policy.decide(now)

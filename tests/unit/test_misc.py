@@ -114,3 +114,13 @@ def test_release_lookup_by_version_prefers_the_live_app(tmp_path: Path) -> None:
     assert releases.find(paths, "aipbx-sample-1.0.0").dirname == "aipbx-sample-1.0.0"
     with pytest.raises(UsageError, match="2 do"):
         releases.find(paths, "1.0.0")
+
+
+def test_lock_held_reads_proc_locks_without_taking_the_lock(tmp_path: Path) -> None:
+    from appliance.fsutil import lock_held
+
+    lock = tmp_path / "lock"
+    assert not lock_held(lock)
+    with locked(lock, "upgrade"):
+        assert lock_held(lock)
+    assert not lock_held(lock)
