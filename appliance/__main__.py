@@ -119,10 +119,10 @@ def _cert(a: dict[str, Any], paths: Paths, services: SystemdServices) -> int:
     elif action == "status":
         data = cert_cmd.status(paths)
         _print_json(data) if a["json"] else print(cert_cmd.format_status(data))
-    elif action == "deploy-hook":
-        print(cert_cmd.deploy_hook(paths, services, os.environ))
+    elif action == "deploy-hook":  # what it did goes to the journal
+        cert_cmd.deploy_hook(paths, services, os.environ)
     elif action == "record-unit-result":
-        print(cert_cmd.record_unit_result(paths, os.environ))
+        cert_cmd.record_unit_result(paths, os.environ)
     return ExitCode.OK
 
 

@@ -321,7 +321,7 @@ def unit_failure_message(
     when = f" at {iso(at)}" if at else ""
     what = f"certbot.service failed{when} ({result}, exit status {exit_status})"
     if log_errors:
-        return f"{'; '.join(log_errors[:3])} ({what})"
+        return f"{what}: {'; '.join(log_errors[:3])}"
     return f"{what}; see journalctl -u {CERTBOT_UNIT}"
 
 

@@ -231,7 +231,8 @@ def deploy_hook(paths: Paths, services: Services, env: Mapping[str, str]) -> dic
     renewal = {"lineage": name, **facts, "nginx_reloaded": reloaded}
     acme.record_ok(paths, at=now, what=what, invocation=run_id, renewal=renewal)
     fields = {"action": "cert_renew", "outcome": "ok", "serial": facts["serial"]}
-    log.info("%s; nginx reloaded: %s", what, reloaded, extra={"fields": fields})
+    done = "nginx reloaded" if reloaded else "nginx is not running: not reloaded"
+    log.info("%s; %s", what, done, extra={"fields": fields})
     return {"lineage": name, "nginx_reloaded": reloaded, **facts}
 
 

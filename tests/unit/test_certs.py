@@ -282,8 +282,10 @@ def test_unit_result_records_the_reason_from_certbots_log(
     env = {"SERVICE_RESULT": "exit-code", "EXIT_STATUS": "1", "INVOCATION_ID": "r1"}
     out = cert_cmd.record_unit_result(paths, env)
     assert out["ok"] is False
-    assert out["message"].startswith("certbot could not renew pbx.aipbx.test: Requesting")
-    assert "(certbot.service failed (exit-code, exit status 1))" in out["message"]
+    assert out["message"] == (
+        "certbot.service failed (exit-code, exit status 1): certbot could not renew "
+        "pbx.aipbx.test: Requesting localhost/dir: Connection refused"
+    )
     doc = acme.load_status(acme.status_path(paths))
     assert acme.renewal_problem(doc, None) == out["message"]
     # a later good run clears it

@@ -1,0 +1,480 @@
+"""Issue 5 in a booted Debian 12: certificates from an ACME CA (Debian's Pebble, on
+loopback inside the machine). The self-signed certificate of the install, `aipbxctl cert
+issue` through nginx's webroot, renewals (by hand and by certbot.service, as
+certbot.timer runs it) under HTTPS load with no failed request, a renewal that fails while
+the old certificate keeps serving and the watchdog says so, a renewed certificate nginx
+refuses, and bad input refused before certbot runs.
+
+The tests run in order on one machine. Pebble keeps its state in memory: it runs as one
+transient unit for the whole module."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.system.appliance import install
+from tests.system.machine import Machine
+
+pytestmark = pytest.mark.system
+
+DOMAIN = "pbx.aipbx.test"
+EMAIL = "ops@aipbx.test"
+PEBBLE_DIR = "/etc/pebble-test"
+PEBBLE_CA = f"{PEBBLE_DIR}/cert.pem"  # pebble's own HTTPS certificate (certbot trusts it)
+ACME = "https://localhost:14000/dir"
+MANAGEMENT = "https://127.0.0.1:15000"
+CA_ENV = {"REQUESTS_CA_BUNDLE": PEBBLE_CA}  # certbot speaks to the CA with python-requests
+LIVE = f"/etc/letsencrypt/live/{DOMAIN}"
+STATUS = "/var/lib/aipbx/cert-renewal.json"
+CERTBOT_LOG = "/var/log/letsencrypt/letsencrypt.log"
+# 25 days: under certbot's 30-day renewal window, so every run of certbot.service renews
+# (as it would near the end of a real certificate's life), and above the watchdog's 14.
+VALIDITY_S = 25 * 86400
+
+# A client as the load: a new TLS connection for every request (as browsers open them
+# while nginx reloads), paced at a fixed rate; it reports each request's status or
+# transport error and the certificate serial that connection was served.
+LOAD = r'''
+import collections, http.client, json, ssl, sys, threading, time
+
+host, path, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+
+
+def der_serial(der):
+    """serialNumber of a DER X.509 certificate (the one field needed, no parser)."""
+    def header(i):
+        n = der[i + 1]
+        if n < 0x80:
+            return i + 2, n
+        k = n & 0x7F
+        return i + 2 + k, int.from_bytes(der[i + 2:i + 2 + k], "big")
+    i, _ = header(header(0)[0])
+    if der[i] == 0xA0:  # [0] version
+        start, length = header(i)
+        i = start + length
+    start, length = header(i)
+    return der[start:start + length].hex().upper().lstrip("0") or "0"
+
+
+lock = threading.Lock()
+results, nxt, total, t0 = [], [0], int(rate * seconds), time.monotonic()
+
+
+def worker():
+    while True:
+        with lock:
+            i = nxt[0]
+            nxt[0] += 1
+        if i >= total:
+            return
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        at = time.monotonic() - t0
+        conn = http.client.HTTPSConnection(host, 443, timeout=5, context=ctx)
+        serial = status = error = None
+        try:
+            conn.connect()
+            serial = der_serial(conn.sock.getpeercert(binary_form=True))
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            status = resp.status
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            conn.close()
+        with lock:
+            results.append((at, status, error, serial))
+
+
+threads = [threading.Thread(target=worker) for _ in range(16)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+elapsed = time.monotonic() - t0
+results.sort(key=lambda r: r[0])
+serials = []
+for at, _, _, serial in results:
+    if serial and (not serials or serials[-1][0] != serial):
+        serials.append([serial, round(at, 3)])
+print(json.dumps({
+    "requests": len(results),
+    "seconds": round(elapsed, 2),
+    "rate": round(len(results) / elapsed, 1),
+    "statuses": dict(collections.Counter(str(s) for _, s, _, _ in results if s)),
+    "failures": [f"{at:.3f} s: {e or s}" for at, s, e, _ in results if e or s != 503],
+    "serials": serials,
+}))
+'''
+
+
+def say(text: str) -> None:
+    """Figures for the record (shown with pytest -s)."""
+    print(f"[cert] {text}", file=sys.stderr, flush=True)
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def served(machine: Machine) -> dict[str, str]:
+    """Issuer and serial of the certificate nginx serves for DOMAIN on 127.0.0.1:443."""
+    out = machine.sh(
+        f"openssl s_client -connect 127.0.0.1:443 -servername {DOMAIN} </dev/null 2>/dev/null"
+        " | openssl x509 -noout -issuer -serial -nameopt RFC2253"
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def pebble_issuer(machine: Machine, kind: str) -> str:
+    """Subject of Pebble's root or intermediate (made afresh each time pebble starts)."""
+    pem = machine.run(["curl", "-sf", "--cacert", PEBBLE_CA, f"{MANAGEMENT}/{kind}/0"]).stdout
+    path = f"{PEBBLE_DIR}/{kind}.pem"
+    machine.path(path).write_text(pem)
+    out = machine.run(["openssl", "x509", "-in", path, "-noout", "-subject", "-nameopt", "RFC2253"])
+    return out.stdout.strip().removeprefix("subject=")
+
+
+def aipbxctl_json(
+    machine: Machine, *args: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    r = machine.run(["aipbxctl", *args, "--json"], check=False, timeout=300, env=env)
+    assert r.returncode == 0, f"aipbxctl {' '.join(args)}: {r.returncode}\n{r.stdout}{r.stderr}"
+    data: dict[str, Any] = json.loads(r.stdout)
+    return data
+
+
+def health(machine: Machine) -> dict[str, Any] | None:
+    r = machine.run(
+        ["curl", "-s", "--max-time", "2", "http://127.0.0.1:6030/system-health"], check=False
+    )
+    try:
+        data = json.loads(r.stdout)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pebble(machine: Machine, deb: Path) -> Iterator[None]:
+    install(machine, deb)
+    with machine.path("/etc/hosts").open("a") as hosts:
+        hosts.write(f"127.0.0.1 {DOMAIN}\n")
+    machine.path(PEBBLE_DIR).mkdir(parents=True, exist_ok=True)
+    # Debian's pebble ships no certificate for its own HTTPS: one for localhost/127.0.0.1.
+    machine.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            f"{PEBBLE_DIR}/key.pem",
+            "-out",
+            PEBBLE_CA,
+        ]
+    )
+    config = {
+        "pebble": {
+            "listenAddress": "127.0.0.1:14000",
+            "managementListenAddress": "127.0.0.1:15000",
+            "certificate": PEBBLE_CA,
+            "privateKey": f"{PEBBLE_DIR}/key.pem",
+            # Where it would validate; PEBBLE_VA_ALWAYS_VALID skips validation anyway.
+            "httpPort": 80,
+            "tlsPort": 443,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": False,
+            "certificateValidityPeriod": VALIDITY_S,
+        }
+    }
+    machine.path(f"{PEBBLE_DIR}/config.json").write_text(json.dumps(config))
+    env = ("PEBBLE_VA_ALWAYS_VALID=1", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0")
+    machine.run(
+        [
+            "systemd-run",
+            "--unit=pebble-test",
+            *(f"--setenv={e}" for e in env),
+            "/usr/bin/pebble",
+            "-config",
+            f"{PEBBLE_DIR}/config.json",
+        ]
+    )
+    wait_until(
+        lambda: machine.run(["curl", "-sf", "--cacert", PEBBLE_CA, ACME], check=False).returncode
+        == 0,
+        30,
+        "pebble's ACME directory",
+    )
+    # certbot.service (what certbot.timer runs) trusts pebble's HTTPS the same way, as an
+    # operator of a private ACME CA would set it.
+    dropin = machine.path("/etc/systemd/system/certbot.service.d")
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "test-ca.conf").write_text(f"[Service]\nEnvironment=REQUESTS_CA_BUNDLE={PEBBLE_CA}\n")
+    machine.run(["systemctl", "daemon-reload"])
+    yield
+    machine.run(["systemctl", "stop", "pebble-test.service"], check=False)
+
+
+def test_install_serves_the_self_signed_certificate(machine: Machine) -> None:
+    st = aipbxctl_json(machine, "cert", "status")
+    assert st["kind"] == "self-signed" and st["serving"] == "/etc/aipbx/tls/selfsigned.crt"
+    assert st["certificate"]["issuer"] == st["certificate"]["subject"]
+    assert served(machine)["serial"] == st["certificate"]["serial"]
+    assert st["renewal"]["problem"] is None
+    assert st["renewal"]["timer"]["active"] == "active"  # Debian's certbot.timer
+    # the appliance's hooks are in place
+    hook = "/etc/letsencrypt/renewal-hooks/deploy/50-aipbx"
+    assert machine.run(["stat", "-c", "%a %U", hook]).stdout.split() == ["755", "root"]
+    unit = machine.run(["systemctl", "cat", "certbot.service"]).stdout
+    assert "ExecStopPost=-/usr/bin/aipbxctl cert record-unit-result" in unit
+
+
+def log_state(machine: Machine) -> str:
+    return machine.sh(f"stat -c '%s %Y' {CERTBOT_LOG} 2>/dev/null || echo none").stdout
+
+
+@pytest.mark.parametrize(
+    ("domain", "email", "message"),
+    [
+        ("bad_domain", EMAIL, "aipbxctl: --domain: 'bad_domain' is not a valid domain name"),
+        ("127.0.0.1", EMAIL, "aipbxctl: --domain: '127.0.0.1' is an address, not a domain"),
+        (DOMAIN, "not-an-address", "aipbxctl: --email: 'not-an-address' is not a valid email"),
+    ],
+)
+def test_bad_input_is_refused_before_certbot_runs(
+    machine: Machine, domain: str, email: str, message: str
+) -> None:
+    before_log, before_conf = log_state(machine), machine.path("/etc/aipbx/aipbx.toml").read_text()
+    started = time.monotonic()
+    r = machine.run(
+        ["aipbxctl", "cert", "issue", "--domain", domain, "--email", email, "--server", ACME],
+        check=False,
+        env=CA_ENV,
+    )
+    took = time.monotonic() - started
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.splitlines()[0].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+    # certbot never ran: its log did not change (each run appends to it), nor did the config
+    assert log_state(machine) == before_log
+    assert machine.path("/etc/aipbx/aipbx.toml").read_text() == before_conf
+    assert not machine.path("/etc/letsencrypt/live").exists()
+    say(f"refused {domain!r}/{email!r} in {took:.2f} s: {r.stderr.splitlines()[0]}")
+
+
+def test_issue_serves_a_chain_from_pebble(machine: Machine) -> None:
+    started = time.monotonic()
+    done = aipbxctl_json(
+        machine,
+        "cert",
+        "issue",
+        "--domain",
+        DOMAIN,
+        "--email",
+        EMAIL,
+        "--server",
+        ACME,
+        env=CA_ENV,
+    )
+    took = time.monotonic() - started
+    intermediate = pebble_issuer(machine, "intermediates")
+    pebble_issuer(machine, "roots")  # saved for the verification below
+    assert done["issued"] is True and done["serving"] == f"{LIVE}/fullchain.pem"
+    assert done["certificate"]["issuer"] == intermediate
+    now = served(machine)
+    assert now == {"issuer": intermediate, "serial": done["certificate"]["serial"]}
+    # the whole chain checks out against Pebble's root, for the name
+    verify = machine.sh(
+        f"openssl s_client -connect 127.0.0.1:443 -servername {DOMAIN} -verify_hostname "
+        f"{DOMAIN} -CAfile {PEBBLE_DIR}/roots.pem -verify_return_error </dev/null 2>&1"
+    ).stdout
+    assert "Verify return code: 0 (ok)" in verify, verify
+    # saved in aipbx.toml
+    conf = machine.path("/etc/aipbx/aipbx.toml").read_text()
+    assert f'domain = "{DOMAIN}"' in conf and f'email = "{EMAIL}"' in conf
+    assert f'acme_server = "{ACME}"' in conf
+    machine.run(["aipbxctl", "config", "check"])
+    st = aipbxctl_json(machine, "cert", "status")
+    assert st["kind"] == "acme" and st["rendered_as_configured"] is True
+    assert st["renewal"]["problem"] is None
+    assert st["renewal"]["last_renewal"]["serial"] == now["serial"]
+    # plain HTTP still redirects; the ACME path is served from the webroot
+    redirect = machine.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{DOMAIN}/api/"]
+    )
+    assert redirect.stdout == "301"
+    say(
+        f"issued serial {now['serial']} by {intermediate} in {took:.1f} s "
+        f"(certbot part {done['seconds']} s)"
+    )
+
+
+def renew_under_load(machine: Machine, renew: Callable[[], object]) -> dict[str, Any]:
+    """Run `renew` while the load runs (it starts 2 s before); the load's summary."""
+    machine.path("/root/load.py").write_text(LOAD)
+    box: dict[str, Any] = {}
+
+    def load() -> None:
+        r = machine.run(["python3", "/root/load.py", DOMAIN, "/api/health", "100", "10"])
+        box["load"] = json.loads(r.stdout)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        time.sleep(2)
+        renew()
+    finally:
+        t.join(60)
+    assert "load" in box, "the load client did not finish"
+    summary: dict[str, Any] = box["load"]
+    return summary
+
+
+def test_forced_renewal_serves_a_new_serial_with_no_failed_request(machine: Machine) -> None:
+    before = served(machine)["serial"]
+
+    def renew() -> None:
+        machine.run(
+            ["certbot", "renew", "--force-renewal", "--no-random-sleep-on-renew", "-q"],
+            env=CA_ENV,
+        )
+
+    load = renew_under_load(machine, renew)
+    after = served(machine)["serial"]
+    say(
+        f"forced renewal: serial {before} -> {after}; load {load['requests']} requests at "
+        f"{load['rate']} req/s, statuses {load['statuses']}, failures {len(load['failures'])}, "
+        f"serials seen {load['serials']}"
+    )
+    assert after != before
+    assert load["failures"] == [], load
+    assert load["rate"] >= 50 and load["requests"] >= 500
+    assert [s for s, _ in load["serials"]] == [before, after], load["serials"]
+    doc = json.loads(machine.path(STATUS).read_text())
+    assert doc["last_renewal"]["serial"] == after and doc["last_renewal"]["nginx_reloaded"]
+    assert doc["last_attempt"]["ok"] is True
+
+
+def test_renewal_by_certbot_service_as_the_timer_runs_it(machine: Machine) -> None:
+    """certbot.service (PrivateTmp=) renews a due certificate; the deploy hook reloads
+    nginx from inside it; its ExecStopPost records the run."""
+    before = served(machine)["serial"]
+    load = renew_under_load(
+        machine, lambda: machine.run(["systemctl", "start", "certbot.service"], timeout=300)
+    )
+    after = served(machine)["serial"]
+    say(
+        f"certbot.service renewal: serial {before} -> {after}; load {load['requests']} "
+        f"requests at {load['rate']} req/s, failures {len(load['failures'])}"
+    )
+    assert after != before
+    assert load["failures"] == [], load
+    assert (
+        machine.run(
+            ["systemctl", "show", "-p", "Result", "--value", "certbot.service"]
+        ).stdout.strip()
+        == "success"
+    )
+    st = aipbxctl_json(machine, "cert", "status")
+    assert st["renewal"]["problem"] is None
+    assert st["renewal"]["last_renewal"]["serial"] == after
+    assert st["renewal"]["certbot_service"]["result"] == "success"
+    entries = machine.run(
+        ["journalctl", "-o", "json", "--no-pager", "AIPBX_ACTION=cert_renew", "AIPBX_OUTCOME=ok"]
+    ).stdout
+    assert after in entries
+
+
+def test_a_renewal_nginx_refuses_is_not_loaded_and_is_recorded(machine: Machine) -> None:
+    """The deploy hook tests nginx first: with a broken nginx configuration nothing is
+    reloaded, the running nginx keeps serving, and the failure is recorded."""
+    before = served(machine)["serial"]
+    bad = machine.path("/etc/nginx/conf.d/zz-broken.conf")
+    bad.write_text("this is not nginx syntax;\n")
+    try:
+        r = machine.run(
+            ["aipbxctl", "cert", "deploy-hook"], check=False, env={"RENEWED_LINEAGE": LIVE}
+        )
+    finally:
+        bad.unlink()
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "nginx did not take it" in r.stderr and "keeps serving" in r.stderr, r.stderr
+    assert served(machine)["serial"] == before
+    st = aipbxctl_json(machine, "cert", "status")
+    assert "nginx did not take it" in st["renewal"]["problem"]
+    # a good run clears it
+    machine.run(["aipbxctl", "cert", "deploy-hook"], env={"RENEWED_LINEAGE": LIVE})
+    st = aipbxctl_json(machine, "cert", "status")
+    assert st["renewal"]["problem"] is None
+
+
+def test_failed_renewal_keeps_the_old_certificate_and_alerts(machine: Machine) -> None:
+    before = served(machine)["serial"]
+    machine.run(["systemctl", "stop", "pebble-test.service"])
+    r = machine.run(["systemctl", "start", "certbot.service"], check=False, timeout=300)
+    assert r.returncode != 0
+    assert served(machine)["serial"] == before  # the old certificate still serves
+    st = aipbxctl_json(machine, "cert", "status")
+    problem = st["renewal"]["problem"]
+    assert problem and problem.startswith("certbot.service failed"), problem
+    assert "could not renew pbx.aipbx.test" in problem and "Connection refused" in problem
+    assert st["renewal"]["certbot_service"]["result"] == "exit-code"
+    assert re.search(
+        r"^renewal\s+FAILING: ", machine.run(["aipbxctl", "cert", "status"]).stdout, re.M
+    )
+
+    def renewal_check() -> dict[str, Any] | None:
+        h = health(machine)
+        c = h["checks"].get("cert_renewal") if h else None
+        return c if c and c["state"] == "warning" else None
+
+    check = wait_until(renewal_check, 30, "the watchdog's cert_renewal check to warn")
+    assert "Connection refused" in check["error"], check
+    h = health(machine)
+    assert h is not None and h["checks"]["cert"]["state"] == "ok"  # 24 days left: not yet
+    failed = machine.run(
+        [
+            "journalctl",
+            "-o",
+            "json",
+            "--no-pager",
+            "AIPBX_ACTION=cert_renew",
+            "AIPBX_OUTCOME=failed",
+        ]
+    ).stdout
+    assert "Connection refused" in failed
+    say(
+        f"pebble stopped: certbot.service failed, still serving {before}; watchdog: "
+        f"{check['state']}: {check['error']}"
+    )
