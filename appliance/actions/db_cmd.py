@@ -74,8 +74,10 @@ def run_backup(paths: Paths, a: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def format_backup(done: Mapping[str, Any]) -> str:
-    if "file" not in done:
-        return "recorded" if done.get("ok") else f"recorded a failure: {done.get('error')}"
+    if "tables" not in done:  # --record-unit-result
+        if done.get("ok"):
+            return f"recorded: the backup {done.get('file')} is good"
+        return f"recorded a failed backup: {done.get('error')}"
     lines = [
         f"backup {done['file']}: {backup.human_bytes(int(done['bytes']))}, "
         f"{done['tables']} tables, dumped in {done['dump_s']:.1f}s, "
