@@ -146,8 +146,7 @@ def migrating_release(machine: Machine, version: str, script: str, env: str = ""
     """The v2 release re-packed with a migration (a shell script in the release)."""
     src = f"/root/mig-{version}"
     machine.sh(f"""
-        rm -rf {src} && cp -a /opt/aipbx/releases/aipbx-sample-2.0.0 {src}
-        rm -f {src}/static
+        rm -rf {src} && mkdir {src} && tar -xzf /root/aipbx-sample-2.0.0.tar.gz -C {src}
     """)
     machine.path(src).joinpath("migrate.sh").write_text(
         '#!/bin/sh\nset -e\nexport PGPASSWORD="$DB_PASS"\n'
