@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance import cert, nginx, state
+from appliance import acme, cert, nginx, state
 from appliance import config as config_mod
 from appliance.actions.status import CORE_UNITS
 from appliance.errors import AipbxError
@@ -157,6 +157,23 @@ def check_certificate(paths: Paths, services: Services) -> list[Finding]:
                 "error" if days <= 3 else "warning",
                 f"{tls.cert} expires in {days} days",
                 "`aipbxctl cert issue` or " "check certbot.timer",
+            )
+        ]
+    return []
+
+
+def check_renewal(paths: Paths, services: Services) -> list[Finding]:
+    problem = acme.renewal_problem(
+        acme.load_status(acme.status_path(paths)), acme.certbot_unit_run()
+    )
+    if problem:
+        return [
+            Finding(
+                "certificate renewal",
+                "warning",
+                problem,
+                "the old certificate still serves; `aipbxctl cert status`, then fix "
+                "and `systemctl start certbot.service`",
             )
         ]
     return []
