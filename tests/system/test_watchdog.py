@@ -237,3 +237,65 @@ def test_resource_use_with_every_check_on(machine: Machine) -> None:
     # The target is 30 MiB; aiohttp (the API) alone takes ~9 MiB of this. A guard against
     # growth, not the target.
     assert rss_kib <= 40 * 1024, figures
+
+
+def api_ok(machine: Machine) -> bool:
+    r = machine.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "1",
+            "http://127.0.0.1:5005/api",
+        ],
+        check=False,
+    )
+    return r.stdout.strip() == "200"
+
+
+def test_a_hung_backend_is_restarted(machine: Machine) -> None:
+    """Alive but not answering (SIGSTOP): systemd sees nothing wrong, the watchdog does."""
+    backend = "aipbx-backend@blue.service"
+    wait_until(
+        lambda: check_state(machine, "backend_http") == ("ok", "closed"), 60, "backend_http ok"
+    )
+    since = machine_time(machine)
+    t0 = time.monotonic()
+    machine.run(["systemctl", "kill", "-s", "SIGSTOP", backend])
+    wait_until(lambda: not api_ok(machine), 10, "the backend to stop answering")
+    wait_until(
+        lambda: restarted_by_watchdog(machine, backend, since),
+        45,
+        "the watchdog to restart the hung backend",
+    )
+    wait_until(lambda: api_ok(machine), 45, "the backend to serve again")
+    recovered = time.monotonic() - t0
+    print(f"hang -> serving again in {recovered:.1f} s at a 1 s interval")
+    assert recovered < 30  # seed 000 promises recovery within 30 s
+    wait_until(
+        lambda: check_state(machine, "backend_http") == ("ok", "closed"),
+        60,
+        "backend_http ok again",
+    )
+
+
+def test_a_crashed_backend_serves_again(machine: Machine) -> None:
+    backend = "aipbx-backend@blue.service"
+    pid = machine.run(["systemctl", "show", "-p", "MainPID", "--value", backend]).stdout.strip()
+    t0 = time.monotonic()
+    machine.run(["systemctl", "kill", "-s", "SIGKILL", "--kill-whom=main", backend])
+    wait_until(
+        lambda: machine.run(
+            ["systemctl", "show", "-p", "MainPID", "--value", backend]
+        ).stdout.strip()
+        not in (pid, "0"),
+        30,
+        "a new main process",
+    )
+    wait_until(lambda: api_ok(machine), 30, "the backend to serve again")
+    print(f"crash -> serving again in {time.monotonic() - t0:.1f} s")
+    assert machine.run(["systemctl", "is-active", backend]).stdout.strip() == "active"
