@@ -82,6 +82,10 @@ def run_rollout(paths: Paths, services: Services, a: dict[str, Any], verb: str) 
             if verb == "upgrade" and a.get("restore_db"):
                 # The upgrade failed after its migration: put the pre-upgrade backup back.
                 db_cmd.restore_after_failed_upgrade(paths, cfg, services, tl.figures, out)
+                if tl.figures.get("restored_db"):
+                    e.message += f"; --restore-db: restored {tl.figures['restored_db']}"
+                elif str(tl.figures.get("database", "")).startswith("restore failed"):
+                    e.message += f"; --restore-db: {tl.figures['database']}"
             audit(verb, "failed", target=target, from_release=before, error=e.message)
             if a["json"]:
                 failed = {"ok": False, "error": e.message, "steps": tl.steps, **tl.figures}
