@@ -265,7 +265,11 @@ def test_a_hung_backend_is_restarted(machine: Machine) -> None:
     )
     since = machine_time(machine)
     t0 = time.monotonic()
-    machine.run(["systemctl", "kill", "-s", "SIGSTOP", backend])
+    # every process of the unit, by PID (systemctl kill -s SIGSTOP fails here with EIO)
+    machine.sh(
+        f"cg=$(systemctl show -p ControlGroup --value {backend}); "
+        'kill -STOP $(cat "/sys/fs/cgroup$cg/cgroup.procs")'
+    )
     wait_until(lambda: not api_ok(machine), 10, "the backend to stop answering")
     wait_until(
         lambda: restarted_by_watchdog(machine, backend, since),
