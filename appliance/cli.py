@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--to", help="an installed version (or release dir name) instead")
     _rollout_options(rb)
 
-    sub.add_parser("reconcile", help="make nginx, nft and the units match state.json")
+    sub.add_parser("reconcile", help="make the nft switch and the backend units match state.json")
 
     bk = sub.add_parser(
         "backup", help="back up the database now (pg_dump -Fc, verified, then retention)"
