@@ -73,3 +73,8 @@ bench: venv deb sample
 
 clean:
 	rm -rf build/src build/*.deb build/venv
+
+# `aipbxctl backup` beside a plain pg_dump -Fc of a >= 1 GB database: build/bench/backup.json.
+.PHONY: bench-backup
+bench-backup: venv deb
+	AIPBX_DEB=$(CURDIR)/$(DEB) $(VPY) -m bench.backup
