@@ -31,6 +31,7 @@ class Services(Protocol):
     def disable(self, unit: str, *, now: bool = False) -> None: ...
     def daemon_reload(self) -> None: ...
     def reset_failed(self, unit: str) -> None: ...
+    def kill(self, unit: str, signal: str) -> None: ...
 
 
 _PROPS = ("Id", "ActiveState", "SubState", "UnitFileState", "StateChangeTimestamp", "MainPID")
@@ -78,6 +79,9 @@ class SystemdServices:
 
     def reset_failed(self, unit: str) -> None:
         run(["systemctl", "reset-failed", unit], check=False)
+
+    def kill(self, unit: str, signal: str) -> None:
+        run(["systemctl", "kill", f"--signal={signal}", unit], check=False)
 
 
 def systemd_is_running() -> bool:

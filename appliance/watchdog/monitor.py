@@ -267,6 +267,10 @@ class Monitor:
     def _reset_and_restart(self, unit: str) -> None:
         # A unit that crash-looped into systemd's start limit refuses a plain restart; this
         # restart is deliberate (and rationed by the budget), so clear the limit first.
+        if unit.startswith("aipbx-backend@"):
+            # It stopped answering: a graceful stop would wait out the app's own timeout
+            # (20-30 s) for requests that hang anyway. Kill it; systemd's restart follows.
+            self.services.kill(unit, "SIGKILL")
         self.services.reset_failed(unit)
         self.services.restart(unit)
 

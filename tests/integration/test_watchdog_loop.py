@@ -139,6 +139,9 @@ class FakeServices:
     def reset_failed(self, unit: str) -> None:
         self._record("reset_failed", unit)
 
+    def kill(self, unit: str, signal: str) -> None:
+        self._record(f"kill {signal}", unit)
+
 
 class Pings(daemon.Notifier):
     def __init__(self) -> None:

@@ -158,6 +158,9 @@ class FakeServices:
     def reset_failed(self, unit: str) -> None:
         self.calls.append(("reset_failed", unit))
 
+    def kill(self, unit: str, signal: str) -> None:
+        self.calls.append((f"kill {signal}", unit))
+
 
 class Clock:
     def __init__(self) -> None:
@@ -240,7 +243,8 @@ def test_monitor_restarts_a_unit_once_per_opening_and_alerts_once_per_incident()
         await rounds(2)
         assert services.calls == []
         await rounds(1)  # the third failure opens both breakers: one restart of the unit
-        assert services.calls == [("reset_failed", UNIT), ("restart", UNIT)]
+        # a hung backend is killed, not stopped gracefully, then restarted
+        assert services.calls == [("kill SIGKILL", UNIT), ("reset_failed", UNIT), ("restart", UNIT)]
         runs = checks.runs["backend_http"], checks.runs["backend_ws"]
         await rounds(4)  # cool-down: they do not run, nothing restarts
         assert (checks.runs["backend_http"], checks.runs["backend_ws"]) == runs
