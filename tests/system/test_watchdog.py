@@ -279,7 +279,9 @@ def test_a_hung_backend_is_restarted(machine: Machine) -> None:
     wait_until(lambda: api_ok(machine), 45, "the backend to serve again")
     recovered = time.monotonic() - t0
     print(f"hang -> serving again in {recovered:.1f} s at a 1 s interval")
-    assert recovered < 30  # seed 000 promises recovery within 30 s
+    # 3 failed checks at a 1 s interval open the breaker, then a kill and a start (~1 s):
+    # well inside seed 000's 30 s
+    assert recovered < 15, recovered
     wait_until(
         lambda: check_state(machine, "backend_http") == ("ok", "closed"),
         60,
