@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DEB := build/aipbx-appliance_$(VERSION)_all.deb
 
-.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench clean sample
+.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench bench-upgrade bench-watchdog clean sample
 
 help:
 	@echo "make demo   build the .deb, boot Debian 12 under systemd-nspawn, install, set up"
@@ -68,8 +68,14 @@ piuparts: deb
 demo: venv deb sample
 	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.demo
 
-bench: venv deb sample
+bench: bench-upgrade bench-watchdog
+
+bench-upgrade: venv deb sample
 	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.upgrade
+
+# The watchdog's recovery times, crash-loop cost and footprint: build/bench/watchdog.json.
+bench-watchdog: venv deb sample
+	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.watchdog
 
 clean:
 	rm -rf build/src build/*.deb build/venv
