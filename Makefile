@@ -68,7 +68,7 @@ piuparts: deb
 demo: venv deb sample
 	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.demo
 
-bench: bench-upgrade bench-watchdog
+bench: bench-upgrade bench-watchdog bench-backup
 
 bench-upgrade: venv deb sample
 	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.upgrade
