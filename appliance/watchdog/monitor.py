@@ -80,6 +80,7 @@ class Monitor:
         # (its probation switches back on failure), so their restarts wait.
         self.change_running = change_running
         self._deferred_logged = False
+        self._muted: set[str] = set()  # incidents folded into another check's alert
         self.targets = targets
         self.services = services
         self.publisher = publisher
@@ -143,6 +144,8 @@ class Monitor:
         for cs in self.states.values():
             detail = cs.result.error or cs.result.detail
             for alert in cs.tracker.observe(cs.result.status, now, detail):
+                if self._folded(cs, alert):
+                    continue
                 self._publish(alert)
         self._restart_what_is_down(now)
         self.last_round = now
@@ -286,8 +289,39 @@ class Monitor:
         checks = ",".join(cs.name for cs in down)
         fields = {"action": "give_up", "unit": unit, "check": checks, "state": "critical"}
         log.critical(text, extra={"fields": fields})
+        if self._unit_alerted(unit, None):
+            return  # the operator has this unit's CRITICAL already; the journal says the rest
         incident = f"restart:{unit}#{budget.total}"
         self._publish(Alert(Severity.CRITICAL, f"restart:{unit}", text, incident, now))
+
+    # -- one alert per unit: its checks (backend HTTP and WebSocket) are one incident
+
+    def _unit_alerted(self, unit: str, other_than: CheckState | None) -> bool:
+        return any(
+            o is not other_than
+            and o.unit == unit
+            and o.tracker.started is not None
+            and o.tracker.critical_sent
+            and o.tracker.incident not in self._muted
+            for o in self.states.values()
+        )
+
+    def _folded(self, cs: CheckState, alert: Alert) -> bool:
+        """True when another check of the same unit already alerted for this incident:
+        this check's CRITICAL, and later its recovery, are folded into that alert."""
+        if alert.incident in self._muted:
+            if alert.severity is Severity.INFO:
+                self._muted.discard(alert.incident)
+            return True
+        if cs.unit and alert.severity is Severity.CRITICAL and self._unit_alerted(cs.unit, cs):
+            self._muted.add(alert.incident)
+            log.warning(
+                "%s",
+                alert.text,
+                extra={"fields": {"check": cs.name, "unit": cs.unit, "action": "alert_folded"}},
+            )
+            return True
+        return False
 
     def _publish(self, alert: Alert) -> None:
         self.publisher.publish(replace(alert, wall=self._wall_of(alert.at)))
