@@ -123,6 +123,7 @@ def _start_and_gate(ctx: Ctx, color: Color, rel: releases.Installed, opts: Optio
     atomic_symlink(Path("..") / "releases" / rel.dirname, ctx.paths.colors / str(color))
     st = ctx.load()
     ctx.save(st.with_(colors={**st.colors, str(color): rel.dirname}, upgrading=rel.dirname))
+    ctx.services.reset_failed(unit(color))  # an earlier failure's start limit
     ctx.services.restart(unit(color))
     ctx.tl.step(Step.START, f"{rel.dirname} started on {color}")
     net = color_net(ctx.cfg.network.subnet, color)
