@@ -1,6 +1,6 @@
 """Check and unpack a release artifact into an immutable release directory.
 
-`unpack` streams the tar.gz member by member into `releases/.unpack-XXXX` — nothing whole in
+`unpack` streams the tar.gz member by member into `releases/.unpack-<random>` — nothing whole in
 memory, nothing written through a symlink — then renames it to `releases/<name>-<version>`.
 Anything unsafe is refused with a UsageError and leaves nothing under releases/."""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,14 @@ def aipbxctl_json(
     except json.JSONDecodeError:
         raise AssertionError(f"not JSON: {r.stdout}\n{r.stderr}") from None
     return r.returncode, data
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0.3) -> Any:
+    """Poll until pred() is truthy and return what it gave; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.appliance import aipbxctl_json, assert_no_failed_units, install
+from tests.system.appliance import aipbxctl_json, assert_no_failed_units, install, wait_until
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
@@ -70,15 +70,6 @@ def live_color(machine: Machine) -> str | None:
     st = json.loads(machine.run(["cat", "/var/lib/aipbx/state.json"]).stdout)
     color = st.get("live_color")
     return str(color) if color else None
-
-
-def wait_until(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def udp_version(machine: Machine) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.appliance import install
+from tests.system.appliance import install, wait_until
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
@@ -128,16 +128,6 @@ print(json.dumps({
 def say(text: str) -> None:
     """Figures for the record (shown with pytest -s)."""
     print(f"[cert] {text}", file=sys.stderr, flush=True)
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def served(machine: Machine) -> dict[str, str]:

@@ -13,14 +13,12 @@ import os
 import re
 import shutil
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.system.appliance import aipbxctl_json, assert_no_failed_units, install
+from tests.system.appliance import aipbxctl_json, assert_no_failed_units, install, wait_until
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
@@ -54,16 +52,6 @@ def appliance(machine: Machine, deb: Path) -> None:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def sql(machine: Machine, query: str, db: str = DB) -> str:

@@ -14,13 +14,12 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.system.appliance import aipbxctl_json, install
+from tests.system.appliance import aipbxctl_json, install, wait_until
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
@@ -30,16 +29,6 @@ SAMPLE_DIR = Path(os.environ.get("AIPBX_SAMPLE_DIR", HERE.parents[1] / "build" /
 SAMPLE = "aipbx-sample-1.0.0.tar.gz"
 UNIT = "aipbx-watchdog.service"
 CONF = "/etc/aipbx/aipbx.toml"
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def health(machine: Machine) -> dict[str, Any] | None:
