@@ -600,7 +600,7 @@ def crashloop(m: Machine, duration: float) -> dict[str, Any]:
     ulog = journal(m, t0, "-u", unit)
     ulog = [e for e in ulog if int(e["__REALTIME_TIMESTAMP"]) / 1e6 <= t1]
     starts = sum("SAMPLE_FAIL=start: failing at start" in message(e) for e in ulog)
-    limit_hits = sum("start-limit-hit" in message(e) for e in ulog)
+    limit_hits = sum("Start request repeated too quickly" in message(e) for e in ulog)
     # systemd's own lines about the unit (starts, restarts, results), not the app's
     systemd_log = [[at(e, t0), message(e)[:160]] for e in ulog if e.get("_PID") == "1"]
     state_end = m.run(
@@ -764,6 +764,7 @@ def report(raw: dict[str, Any], out: Path) -> dict[str, Any]:
         "crashloop_alerts": loop["critical_alerts"],
         "crashloop_alert_checks": [f"{a.get('severity')} {a.get('check')}" for a in loop["alerts"]],
         "crashloop_app_starts": loop["app_starts"],
+        "crashloop_start_limit_hits": loop["start_limit_hits"],
         "crashloop_watchdog_restarts": restarts_of({"watchdog_actions": loop["watchdog_log"]}),
         "crashloop_watchdog_give_ups": loop["watchdog_actions"].get("give_up", 0),
         "rss_mb": res["rss_mb"],
@@ -861,9 +862,9 @@ def table(doc: dict[str, Any]) -> str:
             "",
         ),
         (
-            "  app starts / watchdog restarts / give-ups",
-            f"{doc['crashloop_app_starts']} / {doc['crashloop_watchdog_restarts']} / "
-            f"{doc['crashloop_watchdog_give_ups']}",
+            "  app starts / start limits / wd restarts / give-ups",
+            f"{doc['crashloop_app_starts']} / {doc['crashloop_start_limit_hits']} / "
+            f"{doc['crashloop_watchdog_restarts']} / {doc['crashloop_watchdog_give_ups']}",
             "",
             "",
         ),
