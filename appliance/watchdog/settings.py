@@ -36,7 +36,10 @@ def seconds(duration: str) -> float:
 def from_config(w: config.Watchdog) -> Settings:
     return Settings(
         interval=seconds(w.interval),
-        timeout=seconds(w.timeout),
+        # A round never takes longer than the interval: a hung backend is then caught
+        # within failures_to_open intervals (at a 1 s interval the 2 s default timeout
+        # would stretch every round to 2 s).
+        timeout=min(seconds(w.timeout), seconds(w.interval)),
         slow=seconds(w.slow_threshold),
         failures_to_open=w.failures_to_open,
         cooldown=seconds(w.cooldown),
