@@ -294,3 +294,76 @@ def test_a_crashed_backend_serves_again(machine: Machine) -> None:
     wait_until(lambda: api_ok(machine), 30, "the backend to serve again")
     print(f"crash -> serving again in {time.monotonic() - t0:.1f} s")
     assert machine.run(["systemctl", "is-active", backend]).stdout.strip() == "active"
+
+
+def test_a_hung_backend_alerts_once_to_telegram_and_the_webhook(machine: Machine) -> None:
+    """CRITICAL then INFO, once each, on a fake Telegram API and a webhook receiver."""
+    shutil.copy(HERE / "fake_alert_receiver.py", machine.path("/root") / "receiver.py")
+    machine.run(["rm", "-f", "/root/alerts.jsonl"])
+    machine.run(
+        [
+            "systemd-run",
+            "--unit",
+            "fake-alerts",
+            "python3",
+            "/root/receiver.py",
+            "18088",
+            "/root/alerts.jsonl",
+        ]
+    )
+    conf = machine.path(CONF)
+    original = conf.read_text()
+    edited = original
+    for old, new in (
+        ('# critical_after = "60s"', 'critical_after = "2s"'),
+        (
+            '# telegram_base_url = "https://api.telegram.org"',
+            'telegram_base_url = "http://127.0.0.1:18088"',
+        ),
+        ('# webhook_url = ""', 'webhook_url = "http://127.0.0.1:18088/hook"'),
+    ):
+        assert old in edited, old
+        edited = edited.replace(old, new, 1)
+    secrets = machine.path("/etc/aipbx/secrets.env")
+    secrets_before = secrets.read_text()
+    try:
+        conf.write_text(edited)
+        secrets.write_text(
+            secrets_before + "TELEGRAM_BOT_TOKEN=123:test\n" "TELEGRAM_ADMIN_CHATID=42\n"
+        )
+        machine.run(["aipbxctl", "config", "check"])
+        machine.run(["systemctl", "restart", UNIT])
+        wait_until(
+            lambda: check_state(machine, "backend_http") == ("ok", "closed"), 60, "backend_http ok"
+        )
+        h = health(machine)
+        assert h is not None
+        assert h["alerts"]["telegram"]["enabled"] and h["alerts"]["webhook"]["enabled"]
+        backend = "aipbx-backend@blue.service"
+        machine.sh(
+            f"cg=$(systemctl show -p ControlGroup --value {backend}); "
+            'kill -STOP $(cat "/sys/fs/cgroup$cg/cgroup.procs")'
+        )
+        wait_until(lambda: api_ok(machine), 60, "the backend to serve again")
+
+        def alerts() -> list[dict[str, Any]]:
+            p = machine.path("/root/alerts.jsonl")
+            return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+        wait_until(lambda: len(alerts()) >= 4, 60, "CRITICAL and INFO on both channels")
+        time.sleep(3)  # nothing more may follow
+        got = alerts()
+        telegram = [
+            a["body"]["text"].split()[1] for a in got if a["path"] == "/bot123:test/sendMessage"
+        ]
+        hook = [a["body"]["severity"] for a in got if a["path"] == "/hook"]
+        assert telegram == ["CRITICAL", "INFO"], got
+        assert hook == ["CRITICAL", "INFO"], got
+        assert all(a["body"].get("chat_id", "42") == "42" for a in got)
+        # the token never reaches the journal
+        assert "123:test" not in machine.run(["journalctl", "--no-pager", "-u", UNIT]).stdout
+    finally:
+        conf.write_text(original)
+        secrets.write_text(secrets_before)
+        machine.run(["systemctl", "stop", "fake-alerts.service"], check=False)
+        machine.run(["systemctl", "restart", UNIT])
