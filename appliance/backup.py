@@ -20,8 +20,6 @@ the watchdog's `backup` check reads; a failure is also logged at error priority.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,14 +28,14 @@ import pwd
 import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.config import Config
-from appliance.errors import AipbxError, CommandError, LockedError, UsageError
-from appliance.fsutil import atomic_write
+from appliance.errors import AipbxError, CommandError, UsageError
+from appliance.fsutil import atomic_write, fsync_dir, locked
 from appliance.paths import Paths
 from appliance.services import Services
 
@@ -370,32 +368,16 @@ def verify_file(path: Path, *, meta: Mapping[str, Any] | None = None) -> Verifie
 # --- the lock of the backup directory ---------------------------------------------------
 
 
-@contextlib.contextmanager
-def dir_lock(directory: Path, *, wait: float = 0) -> Iterator[None]:
+def dir_lock(directory: Path, *, wait: float = 0) -> contextlib.AbstractContextManager[None]:
     """One backup (or restore) at a time per directory. The lock file belongs to postgres
     so that the unit (postgres) and aipbxctl (root) share it."""
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        if os.geteuid() == 0:
-            uid, gid = _pg_ids()
-            os.fchown(fd, uid, gid)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise LockedError(
-                        f"another backup or restore is in progress ({directory / LOCK_NAME})",
-                        hint="wait for it to finish (`systemctl status aipbx-backup.service`)",
-                    ) from e
-                time.sleep(0.5)
-        yield
-    finally:
-        os.close(fd)
+    return locked(
+        directory / LOCK_NAME,
+        "backup or restore",
+        wait=wait,
+        owner=_pg_ids() if os.geteuid() == 0 else None,
+        hint="wait for it to finish (`systemctl status aipbx-backup.service`)",
+    )
 
 
 def ensure_dir(directory: Path) -> None:
@@ -517,7 +499,7 @@ def take_locked(
         _own(meta_path(dest))
         t2 = time.monotonic()
         os.replace(tmp, dest)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         rename_s = time.monotonic() - t2
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -550,14 +532,6 @@ def take_locked(
         "pruned": pruned,
         "at": round(started, 3),
     }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- the status the watchdog reads ----------------------------------------------------

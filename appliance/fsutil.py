@@ -15,7 +15,7 @@ from pathlib import Path
 from appliance.errors import LockedError
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -48,7 +48,7 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_if_changed(
@@ -78,17 +78,27 @@ def atomic_symlink(target: str | Path, link: Path) -> None:
         os.unlink(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
 
 
 @contextlib.contextmanager
-def locked(lock_path: Path, what: str, *, wait: float = 0) -> Iterator[None]:
+def locked(
+    lock_path: Path,
+    what: str,
+    *,
+    wait: float = 0,
+    owner: tuple[int, int] | None = None,
+    hint: str = "wait for it to finish; `aipbxctl status` shows what runs",
+) -> Iterator[None]:
     """Hold an exclusive flock for a mutation; refuse if another holds it (after `wait`
-    seconds)."""
+    seconds). `owner` (uid, gid) is given to the lock file so that another user's process
+    (a service) shares the same lock."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + wait
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,8 +110,7 @@ def locked(lock_path: Path, what: str, *, wait: float = 0) -> Iterator[None]:
                     time.sleep(0.2)
                     continue
                 raise LockedError(
-                    f"another {what} is in progress (lock {lock_path} is held)",
-                    hint="wait for it to finish; `aipbxctl status` shows what runs",
+                    f"another {what} is in progress (lock {lock_path} is held)", hint=hint
                 ) from e
         yield
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from appliance.errors import AipbxError, UsageError
+from appliance.fsutil import fsync_dir
 from appliance.release.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -170,14 +171,6 @@ class _Tree:
             raise UsageError(f"{source}: not UTF-8 text", hint=REBUILD_HINT) from None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_member(member: tarfile.TarInfo) -> tuple[str, ...]:
     """The path of a member that may be unpacked; a UsageError for anything unsafe."""
     parts = member_parts(member.name)
@@ -298,7 +291,7 @@ def unpack(artifact: Path, releases_dir: Path, *, max_bytes: int, max_files: int
         dest = releases_dir / manifest.release_dirname
         os.sync()  # the release's files reach the disk before its name appears
         os.rename(tmp, dest)
-        _fsync_dir(releases_dir)
+        fsync_dir(releases_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
