@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from appliance import backup, restore, state
+from appliance import backup, backup_status, restore, state
 from appliance import config as config_mod
 from appliance.config import Config
 from appliance.errors import AipbxError, UsageError
@@ -36,14 +36,14 @@ def run_backup(paths: Paths, a: Mapping[str, Any]) -> dict[str, Any]:
     if a.get("record_unit_result"):
         if os.geteuid() != 0:
             raise UsageError("--record-unit-result is the backup unit's ExecStopPost (root)")
-        return backup.record_unit_result(paths, cfg, os.environ)
+        return backup_status.record_unit_result(paths, cfg, os.environ)
     scheduled = bool(a.get("scheduled"))
     kind = backup.DAILY if scheduled else backup.MANUAL
     directory = backup.backup_dir(cfg, paths)
     started = time.time()
     if scheduled:
         backup.ensure_dir(directory)
-        backup.write_last_run(directory, {"at": started, "ok": None})
+        backup_status.write_last_run(directory, {"at": started, "ok": None})
     try:
         # The timer's run waits for a manual backup that holds the lock; a manual one
         # says another is running.
@@ -57,18 +57,22 @@ def run_backup(paths: Paths, a: Mapping[str, Any]) -> dict[str, Any]:
             extra={"fields": {"action": "backup", "outcome": "failed"}},
         )
         if scheduled:
-            backup.write_last_run(directory, {"at": started, "ok": False, "error": e.message})
+            backup_status.write_last_run(
+                directory, {"at": started, "ok": False, "error": e.message}
+            )
         elif os.geteuid() == 0:
-            backup.record(paths, ok=False, kind=kind, at=started, detail={"error": e.message})
+            backup_status.record(
+                paths, ok=False, kind=kind, at=started, detail={"error": e.message}
+            )
             audit("backup", "failed", error=e.message)
         if a.get("json"):
             print(json.dumps({"ok": False, "error": e.message, "kind": kind}, indent=2))
         raise
     detail = {k: done[k] for k in ("file", "bytes", "dump_s", "verify_s")}
     if scheduled:
-        backup.write_last_run(directory, {"at": started, "ok": True, **detail})
+        backup_status.write_last_run(directory, {"at": started, "ok": True, **detail})
     elif os.geteuid() == 0:
-        backup.record(paths, ok=True, kind=kind, at=started, detail=detail)
+        backup_status.record(paths, ok=True, kind=kind, at=started, detail=detail)
         audit("backup", "ok", file=done["file"])
     return done
 
@@ -102,7 +106,7 @@ def list_backups(paths: Paths) -> dict[str, Any]:
         "retention_days": cfg.backups.retention_days,
         "schedule": f"daily at {cfg.backups.time} UTC",
         "newest_good": good[-1].name if good else None,
-        "status": backup.load_status(paths) if os.geteuid() == 0 else None,
+        "status": backup_status.load_status(paths) if os.geteuid() == 0 else None,
         "backups": [b.row(now) for b in reversed(found)],
     }
 

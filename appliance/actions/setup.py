@@ -6,7 +6,17 @@ from __future__ import annotations
 import pwd
 from dataclasses import dataclass, field
 
-from appliance import backup, cert, conffile, database, netcheck, nginx, pgbouncer, secrets, state
+from appliance import (
+    backup_units,
+    cert,
+    conffile,
+    database,
+    netcheck,
+    nginx,
+    pgbouncer,
+    secrets,
+    state,
+)
 from appliance import config as config_mod
 from appliance.colors import Color, color_net
 from appliance.config import Config
@@ -184,7 +194,7 @@ def setup(
             report.add("started PostgreSQL")
         report.add(database.ensure(cfg.database, values["DB_PASS"]))
         report.add(ensure_pgbouncer(cfg, paths, services, values["DB_PASS"]))
-        report.add(backup.ensure_setup(paths, cfg, services))
+        report.add(backup_units.ensure_setup(paths, cfg, services))
         report.add(ensure_selfsigned(cfg, paths))
         report.add(ensure_backend_limits(cfg, paths, services))
         report.add(ensure_nginx(cfg, paths, services))

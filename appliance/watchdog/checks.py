@@ -181,7 +181,7 @@ class BackupWatch:
         self._doc: dict[str, object] = {}
 
     def doc(self, path: Path) -> dict[str, object]:
-        from appliance.backup import load_status_file
+        from appliance.backup_status import load_status_file
 
         try:
             st = path.stat()
@@ -364,7 +364,7 @@ class Checks:
     async def backup(self, t: Targets) -> Result:
         """The last daily or manual backup: CRITICAL when it failed (no restart: an alert),
         WARNING when the newest good one is old."""
-        from appliance.backup import judge
+        from appliance.backup_status import judge
 
         if t.backup_status is None:
             return Result(Status.IDLE, detail="not watched")

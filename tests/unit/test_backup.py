@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from appliance import backup, config, migrate, nginx, restore
+from appliance import backup, backup_status, backup_units, config, migrate, nginx, restore
 from appliance.cli import parser
 from appliance.errors import ConfigError, UsageError
 from appliance.paths import Paths
@@ -150,27 +150,29 @@ def test_a_file_that_differs_from_its_sidecar_is_refused_before_pg_restore(
 
 def test_status_records_successes_and_counts_failures(tmp_path: Path) -> None:
     paths = Paths(tmp_path)
-    backup.record(paths, ok=True, kind="daily", at=NOW, detail={"file": "/b/db-1.dump"})
-    backup.record(paths, ok=False, kind="daily", at=NOW + DAY, detail={"error": "disk full"})
-    backup.record(paths, ok=False, kind="manual", at=NOW + DAY + 5, detail={"error": "boom"})
-    doc = backup.load_status(paths)
+    backup_status.record(paths, ok=True, kind="daily", at=NOW, detail={"file": "/b/db-1.dump"})
+    backup_status.record(paths, ok=False, kind="daily", at=NOW + DAY, detail={"error": "disk full"})
+    backup_status.record(paths, ok=False, kind="manual", at=NOW + DAY + 5, detail={"error": "boom"})
+    doc = backup_status.load_status(paths)
     assert doc["consecutive_failures"] == 2
     assert doc["last_success"]["file"] == "/b/db-1.dump"
     assert doc["last_attempt"]["error"] == "boom"
-    level, error, detail = backup.judge(doc, NOW + DAY + 10)
+    level, error, detail = backup_status.judge(doc, NOW + DAY + 10)
     assert level == "critical"
     assert "failed: boom" in error and "2 failures in a row" in error
     assert "db-1.dump" in detail
-    backup.record(paths, ok=True, kind="daily", at=NOW + 2 * DAY, detail={"file": "/b/db-2.dump"})
-    assert backup.judge(backup.load_status(paths), NOW + 2 * DAY)[0] == "ok"
+    backup_status.record(
+        paths, ok=True, kind="daily", at=NOW + 2 * DAY, detail={"file": "/b/db-2.dump"}
+    )
+    assert backup_status.judge(backup_status.load_status(paths), NOW + 2 * DAY)[0] == "ok"
 
 
 def test_judge_idle_ok_and_stale() -> None:
-    assert backup.judge({}, NOW)[0] == "idle"
+    assert backup_status.judge({}, NOW)[0] == "idle"
     good = {"at": NOW, "ok": True, "file": "/b/db.dump"}
     doc = {"last_attempt": good, "last_success": good}
-    assert backup.judge(doc, NOW + 3600)[0] == "ok"
-    level, error, _ = backup.judge(doc, NOW + 3 * DAY)
+    assert backup_status.judge(doc, NOW + 3600)[0] == "ok"
+    level, error, _ = backup_status.judge(doc, NOW + 3 * DAY)
     assert level == "warning" and error == "no backup for 3d"
 
 
@@ -181,10 +183,10 @@ def test_unit_result_is_recorded_even_for_a_killed_run(tmp_path: Path) -> None:
     d.mkdir(parents=True)
     done = {"at": NOW, "ok": True, "file": "/x/db.dump", "bytes": 5, "invocation": "run-1"}
     (d / backup.LAST_RUN).write_text(json.dumps(done))
-    out = backup.record_unit_result(
+    out = backup_status.record_unit_result(
         paths, cfg, {"SERVICE_RESULT": "success", "INVOCATION_ID": "run-1"}
     )
-    assert out["ok"] and backup.load_status(paths)["last_success"]["file"] == "/x/db.dump"
+    assert out["ok"] and backup_status.load_status(paths)["last_success"]["file"] == "/x/db.dump"
     # killed: the run never wrote its end; the file left is an older run's
     env = {
         "SERVICE_RESULT": "signal",
@@ -192,14 +194,14 @@ def test_unit_result_is_recorded_even_for_a_killed_run(tmp_path: Path) -> None:
         "EXIT_STATUS": "KILL",
         "INVOCATION_ID": "run-2",
     }
-    out = backup.record_unit_result(paths, cfg, env)
+    out = backup_status.record_unit_result(paths, cfg, env)
     assert not out["ok"] and "signal" in out["error"] and "KILL" in out["error"]
     # the run said why it failed
     failed = {"at": NOW, "ok": False, "error": "pg_dump failed: x", "invocation": "run-3"}
     (d / backup.LAST_RUN).write_text(json.dumps(failed))
     env = {"SERVICE_RESULT": "exit-code", "INVOCATION_ID": "run-3"}
-    assert backup.record_unit_result(paths, cfg, env)["error"] == "pg_dump failed: x"
-    assert backup.load_status(paths)["consecutive_failures"] == 2
+    assert backup_status.record_unit_result(paths, cfg, env)["error"] == "pg_dump failed: x"
+    assert backup_status.load_status(paths)["consecutive_failures"] == 2
 
 
 def test_watchdog_backup_check_reads_the_status_file(tmp_path: Path) -> None:
@@ -226,10 +228,14 @@ def test_watchdog_backup_check_reads_the_status_file(tmp_path: Path) -> None:
         return asyncio.run(checks.run(BACKUP, t))
 
     assert run().status is Status.IDLE
-    backup.record(paths, ok=False, kind="daily", at=time.time(), detail={"error": "disk full"})
+    backup_status.record(
+        paths, ok=False, kind="daily", at=time.time(), detail={"error": "disk full"}
+    )
     r = run()
     assert r.status is Status.CRITICAL and "disk full" in r.error
-    backup.record(paths, ok=True, kind="manual", at=time.time(), detail={"file": "/b/x.dump"})
+    backup_status.record(
+        paths, ok=True, kind="manual", at=time.time(), detail={"file": "/b/x.dump"}
+    )
     assert run().status is Status.OK
 
 
@@ -248,8 +254,8 @@ def test_backups_config_defaults_and_checks() -> None:
 
 def test_timer_and_directory_drop_ins() -> None:
     cfg = config.parse('[backups]\ndir = "/srv/backups"\ntime = "01:30"\n')
-    assert "OnCalendar=\nOnCalendar=*-*-* 01:30:00 UTC\n" in backup.render_timer_dropin(cfg)
-    assert "ReadWritePaths=/srv/backups\n" in backup.render_service_dropin(cfg)
+    assert "OnCalendar=\nOnCalendar=*-*-* 01:30:00 UTC\n" in backup_units.render_timer_dropin(cfg)
+    assert "ReadWritePaths=/srv/backups\n" in backup_units.render_service_dropin(cfg)
 
 
 def test_maintenance_site_answers_the_api_with_503_and_retry_after(tmp_path: Path) -> None:
