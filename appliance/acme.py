@@ -95,6 +95,9 @@ def certbot_argv(domain: str, email: str, webroot: Path, server: str) -> list[st
         "--non-interactive",
         "--server",
         server,
+        # Renewals keep the key (reuse_key in the renewal configuration): nginx then serves
+        # a renewed certificate from the next handshake, without a reload (tls_store).
+        "--reuse-key",
     ]
 
 
@@ -369,8 +372,12 @@ def judge_renewal(status: Mapping[str, Any], unit: UnitRun | None) -> tuple[str,
 
 
 def served_certificate(site_conf: str) -> Path | None:
-    """The ssl_certificate the rendered nginx site names."""
-    m = re.search(r"^\s*ssl_certificate\s+(\S+?);", site_conf, re.MULTILINE)
+    """The certificate chain the rendered nginx site names: the store directory its
+    $aipbx_tls_dir map sets (appliance.tls_store), or a literal ssl_certificate path."""
+    m = re.search(r"map \$ssl_server_name \$aipbx_tls_dir \{\s*default\s+(\S+?);", site_conf)
+    if m:
+        return Path(m.group(1)) / "fullchain.pem"
+    m = re.search(r"^\s*ssl_certificate\s+([^$\s]\S*?);", site_conf, re.MULTILINE)
     return Path(m.group(1)) if m else None
 
 

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import validate
+from appliance import tls_store, validate
 from appliance.colors import LIVE_ADDR
 from appliance.config import Config
 from appliance.errors import CommandError, NginxConfigError
@@ -29,8 +29,9 @@ class TlsFiles:
 
 
 def tls_files(cfg: Config, paths: Paths) -> TlsFiles:
-    """The ACME certificate for the configured domain when certbot has one, else the
-    self-signed certificate made at install."""
+    """Where the certificate to serve comes from: the ACME certificate for the configured
+    domain when certbot has one, else the self-signed one made at install. nginx serves a
+    checked copy from appliance.tls_store."""
     if cfg.site.domain:
         live = paths.root / "etc/letsencrypt/live" / cfg.site.domain
         if (live / "fullchain.pem").exists() and (live / "privkey.pem").exists():
@@ -38,10 +39,17 @@ def tls_files(cfg: Config, paths: Paths) -> TlsFiles:
     return TlsFiles(paths.selfsigned_cert, paths.selfsigned_key)
 
 
-def render_site(cfg: Config, paths: Paths, *, ipv6: bool, maintenance: bool = False) -> str:
+def render_site(
+    cfg: Config,
+    paths: Paths,
+    *,
+    ipv6: bool,
+    maintenance: bool = False,
+    tls_dir: Path | None = None,
+) -> str:
     """`maintenance`: /api/, the WebSocket routes and the service ports answer 503 with
-    Retry-After (the @aipbx_unavailable page) while `aipbxctl restore` runs."""
-    tls = tls_files(cfg, paths)
+    Retry-After (the @aipbx_unavailable page) while `aipbxctl restore` runs. `tls_dir`:
+    the certificate store's directory to serve (default: the one served now)."""
     bind = cfg.nginx.service_bind
     host = f"[{bind}]" if ":" in bind else bind
 
@@ -53,8 +61,7 @@ def render_site(cfg: Config, paths: Paths, *, ipv6: bool, maintenance: bool = Fa
         nginx=cfg.nginx,
         backend=cfg.backend,
         server_name=cfg.site.domain or "_",
-        tls_cert=tls.cert,
-        tls_key=tls.key,
+        tls_dir=tls_dir or tls_store.served_dir(paths),
         ipv6=ipv6,
         upstream_path=paths.nginx_upstream,
         acme_webroot=paths.acme_webroot,

@@ -39,6 +39,12 @@ class Paths:
     def selfsigned_key(self) -> Path:
         return self.tls_dir / "selfsigned.key"
 
+    @property
+    def tls_served(self) -> Path:
+        # What nginx serves, one directory per key (appliance.tls_store). Outside /etc/aipbx
+        # (0750 root:_aipbx): nginx's workers (www-data) read it at every TLS handshake.
+        return self._p("etc/aipbx-tls")
+
     # releases and state
     @property
     def opt(self) -> Path:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from appliance import acme, cert, conffile, nginx, validate
+from appliance import acme, cert, conffile, nginx, tls_store, validate
 from appliance import config as config_mod
 from appliance.actions.setup import ensure_nginx
 from appliance.errors import AipbxError, CommandError, NginxConfigError, UsageError
@@ -113,7 +113,7 @@ def issue(
         "server": url,
         "issued": issued,
         "lineage": str(live),
-        "serving": str(tls.cert),
+        "serving": str(tls_store.served_chain(paths)),
         "certificate": facts,
         "changes": changes,
         "seconds": seconds,
@@ -135,7 +135,8 @@ def status(paths: Paths) -> dict[str, Any]:
     cfg = config_mod.load(paths.config)
     expected = nginx.tls_files(cfg, paths).cert
     rendered = paths.nginx_site.read_text() if paths.nginx_site.exists() else ""
-    serving = acme.served_certificate(rendered) or expected
+    serving = acme.served_certificate(rendered) or tls_store.served_chain(paths)
+    source = tls_store.origin(serving.parent)
     doc = acme.load_status(acme.status_path(paths))
     unit = acme.certbot_unit_run()
     timer = acme.certbot_timer()
@@ -148,11 +149,12 @@ def status(paths: Paths) -> dict[str, Any]:
 
     return {
         "serving": str(serving),
-        "kind": acme.kind_of(serving, paths),
+        "source": source.get("cert", str(serving)),
+        "kind": source.get("kind") or acme.kind_of(serving, paths),
         "domain": cfg.site.domain,
         "acme_server": cfg.site.acme_server,
         # False when aipbx.toml or certbot changed since the site was rendered: setup fixes it.
-        "rendered_as_configured": serving == expected,
+        "rendered_as_configured": _same_file(serving, expected),
         "certificate": _facts(serving) if serving.exists() else None,
         "renewal": {
             "problem": acme.renewal_problem(doc, unit),
@@ -179,11 +181,18 @@ def status(paths: Paths) -> dict[str, Any]:
     }
 
 
+def _same_file(served: Path, source: Path) -> bool:
+    try:
+        return served.read_bytes() == source.read_bytes()
+    except OSError:
+        return False
+
+
 def format_status(d: Mapping[str, Any]) -> str:
     c = d["certificate"] or {}
     r = d["renewal"]
     rows = [
-        ("serving", f"{d['serving']} ({d['kind']})"),
+        ("serving", f"{d['serving']} ({d['kind']}, from {d['source']})"),
         ("subject", c.get("subject", "(missing)")),
         ("issuer", c.get("issuer", "")),
         ("serial", c.get("serial", "")),
@@ -204,20 +213,47 @@ def format_status(d: Mapping[str, Any]) -> str:
     return "\n".join(f"{k:<10} {v}" for k, v in rows)
 
 
+def _serve_renewed(cfg: config_mod.Config, paths: Paths, services: Services, live: Path) -> str:
+    """Serve a renewed lineage; returns how. The same key: fullchain.pem is renamed over in
+    the key's directory and served from the next handshake, which is checked on loopback
+    (if nginx does not present it, the previous chain is put back). A new key: the site is
+    rendered with a new directory and nginx reloaded, after `nginx -t`."""
+    if live.name != cfg.site.domain:
+        return f"not served: the site's domain is {cfg.site.domain or '(none)'}"
+    before = tls_store.current(paths)
+    old_chain = (before / tls_store.CHAIN).read_bytes() if before else b""
+    placed = tls_store.place(paths, live / "fullchain.pem", live / "privkey.pem", kind="acme")
+    if placed.dir != before:
+        with locked(paths.lock, "change", wait=600):
+            ensure_nginx(cfg, paths, services)
+        return "new key: nginx reloaded"
+    if not placed.chain_changed:
+        return "already served"
+    if not services.is_active(NGINX_UNIT):
+        return "nginx is not running: served when it starts"
+    new_chain = (placed.dir / tls_store.CHAIN).read_bytes()
+    if not tls_store.wait_served(cfg.nginx.https_port, cfg.site.domain, new_chain):
+        tls_store.restore_chain(placed.dir, old_chain)
+        raise AipbxError(
+            f"nginx did not present the renewed certificate on port {cfg.nginx.https_port} "
+            "within 10 s; the previous one was put back",
+            hint="see `journalctl -u nginx`; `aipbxctl setup` serves it again",
+        )
+    return "served from the next handshake, no reload"
+
+
 def deploy_hook(paths: Paths, services: Services, env: Mapping[str, str]) -> dict[str, Any]:
-    """certbot saved a renewed certificate (RENEWED_LINEAGE): test nginx with it, reload
-    gracefully (old workers finish their requests) and record the outcome. If nginx refuses
-    it, nothing reloads and nginx keeps serving the previous certificate."""
+    """certbot saved a renewed certificate (RENEWED_LINEAGE): serve it (see _serve_renewed)
+    and record the outcome. If it cannot be served, nginx keeps serving the previous
+    certificate and the failure is recorded for `cert status`, doctor and the watchdog."""
     _need_root("deploy-hook")
     live = env.get("RENEWED_LINEAGE", "")
     if not live:
         raise UsageError("the deploy hook is run by certbot (RENEWED_LINEAGE is not set)")
     name, run_id, now = Path(live).name, env.get("INVOCATION_ID", ""), time.time()
     try:
-        nginx.nginx_test()
-        reloaded = services.is_active(NGINX_UNIT)
-        if reloaded:
-            services.reload(NGINX_UNIT)
+        cfg = config_mod.load(paths.config)
+        how = _serve_renewed(cfg, paths, services, Path(live))
     except AipbxError as e:
         message = (
             f"{name} was renewed but nginx did not take it ({e.message}); "
@@ -228,12 +264,12 @@ def deploy_hook(paths: Paths, services: Services, env: Mapping[str, str]) -> dic
         raise AipbxError(message, hint=e.hint) from None
     facts = acme.cert_facts(Path(live) / "cert.pem")
     what = f"renewed {name} (serial {facts['serial']})"
-    renewal = {"lineage": name, **facts, "nginx_reloaded": reloaded}
+    reloaded = how.startswith("new key")
+    renewal = {"lineage": name, **facts, "served": how, "nginx_reloaded": reloaded}
     acme.record_ok(paths, at=now, what=what, invocation=run_id, renewal=renewal)
     fields = {"action": "cert_renew", "outcome": "ok", "serial": facts["serial"]}
-    done = "nginx reloaded" if reloaded else "nginx is not running: not reloaded"
-    log.info("%s; %s", what, done, extra={"fields": fields})
-    return {"lineage": name, "nginx_reloaded": reloaded, **facts}
+    log.info("%s: %s", what, how, extra={"fields": fields})
+    return {"lineage": name, "served": how, "nginx_reloaded": reloaded, **facts}
 
 
 def record_unit_result(paths: Paths, env: Mapping[str, str]) -> dict[str, Any]:

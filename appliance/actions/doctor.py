@@ -3,11 +3,12 @@ functions returning findings; nothing here changes the host."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance import acme, cert, nginx, state
+from appliance import acme, cert, nginx, state, tls_store
 from appliance import config as config_mod
 from appliance.actions.status import CORE_UNITS
 from appliance.errors import AipbxError
@@ -139,27 +140,39 @@ def check_certificate(paths: Paths, services: Services) -> list[Finding]:
         cfg = config_mod.load(paths.config)
     except AipbxError:
         return []
-    tls = nginx.tls_files(cfg, paths)
-    if not tls.cert.exists():
+    served = tls_store.served_chain(paths)
+    if not served.exists():
         return [
             Finding(
                 "certificate",
                 "error",
-                f"{tls.cert} is missing",
-                "`aipbxctl install-defaults` makes a self-signed one",
+                f"{served} is missing: nginx has no certificate to serve",
+                "`aipbxctl setup` puts the configured (or a self-signed) certificate there",
             )
         ]
-    days = cert.info(tls.cert).days_left()
+    out = []
+    days = cert.info(served).days_left()
     if days <= 14:
-        return [
+        out.append(
             Finding(
                 "certificate",
                 "error" if days <= 3 else "warning",
-                f"{tls.cert} expires in {days} days",
-                "`aipbxctl cert issue` or " "check certbot.timer",
+                f"{served} expires in {days} days",
+                "`aipbxctl cert issue` or check certbot.timer",
             )
-        ]
-    return []
+        )
+    source = nginx.tls_files(cfg, paths).cert
+    with contextlib.suppress(OSError):
+        if source.read_bytes() != served.read_bytes():
+            out.append(
+                Finding(
+                    "certificate",
+                    "warning",
+                    f"nginx serves {served}, not the configured {source}",
+                    "`aipbxctl setup` serves it",
+                )
+            )
+    return out
 
 
 def check_renewal(paths: Paths, services: Services) -> list[Finding]:

@@ -16,6 +16,7 @@ from appliance import (
     pgbouncer,
     secrets,
     state,
+    tls_store,
 )
 from appliance import config as config_mod
 from appliance.colors import Color, color_net
@@ -79,16 +80,25 @@ def ensure_nginx(cfg: Config, paths: Paths, services: Services) -> list[str]:
         changes.append(f"disabled nginx's default site ({paths.nginx_default_site})")
     paths.acme_webroot.mkdir(parents=True, exist_ok=True)
     (paths.frontend).mkdir(parents=True, exist_ok=True)
+    src = nginx.tls_files(cfg, paths)
+    kind = "self-signed" if src.cert == paths.selfsigned_cert else "acme"
+    placed = tls_store.place(paths, src.cert, src.key, kind=kind)
+    site = nginx.render_site(cfg, paths, ipv6=nginx.ipv6_available(paths), tls_dir=placed.dir)
     if nginx.apply(
         paths,
         services,
-        site=nginx.render_site(cfg, paths, ipv6=nginx.ipv6_available(paths)),
+        site=site,
         main=nginx.render_main(cfg),
         upstream=nginx.render_upstream(cfg),
         # Without systemd (a chroot, piuparts) nginx reads the files when it next starts.
         reload=systemd_is_running(),
     ):
         changes.append(f"rendered and reloaded the nginx site {paths.nginx_site}")
+    if tls_store.current(paths) != placed.dir:
+        tls_store.commit(paths, placed.dir)
+        changes.append(f"nginx serves the {kind} certificate {src.cert} from {placed.dir}")
+    elif placed.chain_changed:
+        changes.append(f"nginx serves the renewed {src.cert} (loaded per handshake, no reload)")
     return changes
 
 

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from appliance import acme, state
+from appliance import acme, state, tls_store
 from appliance.colors import Color, color_net
 from appliance.config import Config
 from appliance.paths import Paths
@@ -18,8 +18,12 @@ log = logging.getLogger("aipbx.watchdog")
 
 
 def cert_path(cfg: Config, paths: Paths) -> Path:
-    """The certificate nginx serves: the same rule as appliance.nginx.tls_files, which is
-    not imported here to keep jinja2 out of the daemon's memory."""
+    """The certificate nginx serves (the store's current directory); before anything was
+    placed there, the same rule as appliance.nginx.tls_files, which is not imported here
+    to keep jinja2 out of the daemon's memory."""
+    served = tls_store.current(paths)
+    if served is not None:
+        return served / tls_store.CHAIN
     if cfg.site.domain:
         live = paths.root / "etc/letsencrypt/live" / cfg.site.domain
         if (live / "fullchain.pem").exists() and (live / "privkey.pem").exists():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import cert, config, nginx
+from appliance import cert, config, nginx, tls_store
 from appliance.paths import Paths
 from tests.integration.procs import free_port, port_open, stop, wait_for
 
@@ -72,7 +72,10 @@ def _start(tmp: Path, backend_port: int | None) -> tuple[subprocess.Popen[bytes]
     )
     paths = Paths(tmp)
     cert.make_selfsigned(paths.selfsigned_cert, paths.selfsigned_key, ["localhost", "127.0.0.1"])
-    site = nginx.render_site(cfg, paths, ipv6=False)
+    # What setup does: a checked copy in the store, which the workers read at each handshake.
+    placed = tls_store.place(paths, paths.selfsigned_cert, paths.selfsigned_key, kind="x")
+    tls_store.commit(paths, placed.dir)
+    site = nginx.render_site(cfg, paths, ipv6=False, tls_dir=placed.dir)
     # No nft table here: point the live-color address straight at the test's backend (or
     # at a closed port, as when no color is live).
     upstream = nginx.render_upstream(cfg)
@@ -90,6 +93,7 @@ def _start(tmp: Path, backend_port: int | None) -> tuple[subprocess.Popen[bytes]
     (tmp / "main.conf").write_text(nginx.render_main(cfg))
     (tmp / "nginx.conf").write_text(
         f"""daemon off;
+user {tls_store.NGINX_GROUP};
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log;
 include {tmp}/main.conf;

@@ -40,89 +40,8 @@ CERTBOT_LOG = "/var/log/letsencrypt/letsencrypt.log"
 # (as it would near the end of a real certificate's life), and above the watchdog's 14.
 VALIDITY_S = 25 * 86400
 
-# A client as the load: a new TLS connection for every request (as browsers open them
-# while nginx reloads), paced at a fixed rate; it reports each request's status or
-# transport error and the certificate serial that connection was served.
-LOAD = r'''
-import collections, http.client, json, ssl, sys, threading, time
-
-host, path, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-
-
-def der_serial(der):
-    """serialNumber of a DER X.509 certificate (the one field needed, no parser)."""
-    def header(i):
-        n = der[i + 1]
-        if n < 0x80:
-            return i + 2, n
-        k = n & 0x7F
-        return i + 2 + k, int.from_bytes(der[i + 2:i + 2 + k], "big")
-    i, _ = header(header(0)[0])
-    if der[i] == 0xA0:  # [0] version
-        start, length = header(i)
-        i = start + length
-    start, length = header(i)
-    value = der[start:start + length]
-    if len(value) > 1 and value[0] == 0:  # the sign byte: openssl does not print it
-        value = value[1:]
-    return value.hex().upper()
-
-
-lock = threading.Lock()
-results, nxt, total, t0 = [], [0], int(rate * seconds), time.monotonic()
-
-
-def worker():
-    while True:
-        with lock:
-            i = nxt[0]
-            nxt[0] += 1
-        if i >= total:
-            return
-        delay = t0 + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        at = time.monotonic() - t0
-        conn = http.client.HTTPSConnection(host, 443, timeout=5, context=ctx)
-        serial = status = error = None
-        try:
-            conn.connect()
-            serial = der_serial(conn.sock.getpeercert(binary_form=True))
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            status = resp.status
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            conn.close()
-        with lock:
-            results.append((at, status, error, serial))
-
-
-threads = [threading.Thread(target=worker) for _ in range(16)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-elapsed = time.monotonic() - t0
-results.sort(key=lambda r: r[0])
-serials = []
-for at, _, _, serial in results:
-    if serial and (not serials or serials[-1][0] != serial):
-        serials.append([serial, round(at, 3)])
-print(json.dumps({
-    "requests": len(results),
-    "seconds": round(elapsed, 2),
-    "rate": round(len(results) / elapsed, 1),
-    "statuses": dict(collections.Counter(str(s) for _, s, _, _ in results if s)),
-    "failures": [f"{at:.3f} s: {e or s}" for at, s, e, _ in results if e or s != 503],
-    "serials": serials,
-}))
-'''
+# The load client (stdlib, run in the machine): fresh connections or kept-alive ones.
+TLS_LOAD = Path(__file__).with_name("tls_load.py")
 
 
 def say(text: str) -> None:
@@ -241,7 +160,18 @@ def pebble(machine: Machine, deb: Path) -> Iterator[None]:
 
 def test_install_serves_the_self_signed_certificate(machine: Machine) -> None:
     st = aipbxctl_json(machine, "cert", "status")
-    assert st["kind"] == "self-signed" and st["serving"] == "/etc/aipbx/tls/selfsigned.crt"
+    assert st["kind"] == "self-signed" and st["source"] == "/etc/aipbx/tls/selfsigned.crt"
+    # served from the store nginx's workers read at each handshake, by www-data and no other
+    assert re.fullmatch(r"/etc/aipbx-tls/key-[0-9a-f]{16}/fullchain\.pem", st["serving"])
+    store = st["serving"].rsplit("/", 1)[0]
+    modes = machine.run(
+        ["stat", "-c", "%n %a %U:%G", "/etc/aipbx-tls", store, f"{store}/privkey.pem"]
+    ).stdout.split("\n")
+    assert [m.split()[1:] for m in modes if m] == [
+        ["750", "root:www-data"],
+        ["750", "root:www-data"],
+        ["640", "root:www-data"],
+    ], modes
     assert st["certificate"]["issuer"] == st["certificate"]["subject"]
     assert served(machine)["serial"] == st["certificate"]["serial"]
     assert st["renewal"]["problem"] is None
@@ -303,7 +233,10 @@ def test_issue_serves_a_chain_from_pebble(machine: Machine) -> None:
     took = time.monotonic() - started
     intermediate = pebble_issuer(machine, "intermediates")
     pebble_issuer(machine, "roots")  # saved for the verification below
-    assert done["issued"] is True and done["serving"] == f"{LIVE}/fullchain.pem"
+    assert done["issued"] is True and done["serving"].startswith("/etc/aipbx-tls/key-")
+    # renewals keep the key, so that nginx serves them without a reload
+    renewal_conf = machine.path(f"/etc/letsencrypt/renewal/{DOMAIN}.conf").read_text()
+    assert re.search(r"^reuse_key = True$", renewal_conf, re.M), renewal_conf
     assert done["certificate"]["issuer"] == intermediate
     now = served(machine)
     assert now == {"issuer": intermediate, "serial": done["certificate"]["serial"]}
@@ -320,6 +253,7 @@ def test_issue_serves_a_chain_from_pebble(machine: Machine) -> None:
     machine.run(["aipbxctl", "config", "check"])
     st = aipbxctl_json(machine, "cert", "status")
     assert st["kind"] == "acme" and st["rendered_as_configured"] is True
+    assert st["source"] == f"{LIVE}/fullchain.pem" and st["serving"] == done["serving"]
     assert st["renewal"]["problem"] is None
     assert st["renewal"]["last_renewal"]["serial"] == now["serial"]
     # plain HTTP still redirects; the ACME path is served from the webroot
@@ -333,31 +267,39 @@ def test_issue_serves_a_chain_from_pebble(machine: Machine) -> None:
     )
 
 
+def nginx_workers(machine: Machine) -> set[int]:
+    """nginx's worker PIDs: a reload replaces every one of them."""
+    master = machine.run(["cat", "/run/nginx.pid"]).stdout.strip()
+    return {int(p) for p in machine.run(["pgrep", "-P", master]).stdout.split()}
+
+
 def renew_under_load(machine: Machine, renew: Callable[[], object]) -> dict[str, Any]:
-    """Run `renew` while the load runs (it starts 2 s before); the load's summary."""
-    machine.path("/root/load.py").write_text(LOAD)
+    """Run `renew` while two loads run (they start 2 s before): 100 req/s on fresh TLS
+    connections and 100 req/s on 16 kept-alive HTTP/1.1 connections (POSTs, never
+    retried). Returns both summaries."""
+    machine.path("/root/tls_load.py").write_text(TLS_LOAD.read_text())
     box: dict[str, Any] = {}
 
-    def load() -> None:
-        r = machine.run(["python3", "/root/load.py", DOMAIN, "/api/health", "100", "10"])
-        box["load"] = json.loads(r.stdout)
+    def load(mode: str) -> None:
+        argv = ["python3", "/root/tls_load.py", DOMAIN, "/api/health", "100", "10", mode]
+        box[mode] = json.loads(machine.run(argv).stdout)
 
-    t = threading.Thread(target=load)
-    t.start()
+    threads = [threading.Thread(target=load, args=(m,)) for m in ("fresh", "keepalive")]
+    for t in threads:
+        t.start()
     try:
         time.sleep(2)
         renew()
     finally:
-        t.join(60)
-    assert "load" in box, "the load client did not finish"
-    summary: dict[str, Any] = box["load"]
-    return summary
+        for t in threads:
+            t.join(60)
+    assert {"fresh", "keepalive"} <= box.keys(), f"a load client did not finish: {box}"
+    return box
 
 
 def assert_switched(load: dict[str, Any], before: str, after: str) -> float:
-    """The load was served the old serial, then the new one, nothing else. For a few ms
-    both are served: old workers finish what they accepted while new ones start. Returns
-    that overlap in seconds."""
+    """The fresh connections were served the old serial, then the new one, nothing else.
+    Returns how long both were seen (with no reload: the handshakes in flight)."""
     seen = load["serials"]
     assert {s for s, _ in seen} == {before, after}, seen
     assert seen[0][0] == before and seen[-1][0] == after, seen
@@ -367,8 +309,27 @@ def assert_switched(load: dict[str, Any], before: str, after: str) -> float:
     return overlap
 
 
+def assert_no_failure_and_no_reload(
+    machine: Machine, loads: dict[str, Any], workers: set[int]
+) -> None:
+    fresh, kept = loads["fresh"], loads["keepalive"]
+    for load in (fresh, kept):
+        assert load["failures"] == [], load
+        assert load["rate"] >= 50 and load["requests"] >= 500, load
+    # every kept-alive connection lived through the renewal: none was closed under its
+    # client (a graceful reload closes them all, and a request racing the close fails)
+    assert kept["connections_opened"] == 16, kept
+    assert len(kept["serials"]) == 1, kept  # they all still speak the TLS of before
+    assert workers == nginx_workers(machine), "nginx was reloaded"
+
+
 def test_forced_renewal_serves_a_new_serial_with_no_failed_request(machine: Machine) -> None:
+    """Renewal keeps the key (reuse_key): the deploy hook renames the new chain into the
+    key's directory and nginx serves it from the next handshake. No reload: no worker is
+    replaced and no kept-alive connection is closed."""
     before = served(machine)["serial"]
+    store = machine.run(["readlink", "/etc/aipbx-tls/current"]).stdout.strip()
+    workers = nginx_workers(machine)
 
     def renew() -> None:
         machine.run(
@@ -376,20 +337,24 @@ def test_forced_renewal_serves_a_new_serial_with_no_failed_request(machine: Mach
             env=CA_ENV,
         )
 
-    load = renew_under_load(machine, renew)
+    loads = renew_under_load(machine, renew)
     after = served(machine)["serial"]
+    fresh, kept = loads["fresh"], loads["keepalive"]
     say(
-        f"forced renewal: serial {before} -> {after}; load {load['requests']} requests at "
-        f"{load['rate']} req/s, statuses {load['statuses']}, failures {len(load['failures'])}, "
-        f"serials seen {load['serials']}"
+        f"forced renewal: serial {before} -> {after}; fresh connections: {fresh['requests']} "
+        f"requests at {fresh['rate']} req/s, failures {len(fresh['failures'])}, serials seen "
+        f"{fresh['serials']}; kept-alive: {kept['requests']} POSTs at {kept['rate']} req/s "
+        f"on {kept['connections_opened']} connections, failures {len(kept['failures'])}"
     )
     assert after != before
-    assert load["failures"] == [], load
-    assert load["rate"] >= 50 and load["requests"] >= 500
-    overlap = assert_switched(load, before, after)
-    say(f"old and new serial both served for {overlap * 1000:.0f} ms around the reload")
+    assert_no_failure_and_no_reload(machine, loads, workers)
+    overlap = assert_switched(fresh, before, after)
+    say(f"old and new serial both seen for {overlap * 1000:.0f} ms; nginx workers unchanged")
+    assert machine.run(["readlink", "/etc/aipbx-tls/current"]).stdout.strip() == store
     doc = json.loads(machine.path(STATUS).read_text())
-    assert doc["last_renewal"]["serial"] == after and doc["last_renewal"]["nginx_reloaded"]
+    assert doc["last_renewal"]["serial"] == after
+    assert doc["last_renewal"]["nginx_reloaded"] is False
+    assert doc["last_renewal"]["served"] == "served from the next handshake, no reload"
     assert doc["last_attempt"]["ok"] is True
 
 
@@ -397,18 +362,21 @@ def test_renewal_by_certbot_service_as_the_timer_runs_it(machine: Machine) -> No
     """certbot.service (PrivateTmp=) renews a due certificate; the deploy hook reloads
     nginx from inside it; its ExecStopPost records the run."""
     before = served(machine)["serial"]
-    load = renew_under_load(
+    workers = nginx_workers(machine)
+    loads = renew_under_load(
         machine, lambda: machine.run(["systemctl", "start", "certbot.service"], timeout=300)
     )
     after = served(machine)["serial"]
+    fresh, kept = loads["fresh"], loads["keepalive"]
     say(
-        f"certbot.service renewal: serial {before} -> {after}; load {load['requests']} "
-        f"requests at {load['rate']} req/s, failures {len(load['failures'])}"
+        f"certbot.service renewal: serial {before} -> {after}; fresh {fresh['requests']} "
+        f"requests, failures {len(fresh['failures'])}; kept-alive {kept['requests']} POSTs "
+        f"on {kept['connections_opened']} connections, failures {len(kept['failures'])}"
     )
     assert after != before
-    assert load["failures"] == [], load
-    overlap = assert_switched(load, before, after)
-    say(f"old and new serial both served for {overlap * 1000:.0f} ms around the reload")
+    assert_no_failure_and_no_reload(machine, loads, workers)
+    overlap = assert_switched(fresh, before, after)
+    say(f"old and new serial both seen for {overlap * 1000:.0f} ms; nginx workers unchanged")
     assert (
         machine.run(
             ["systemctl", "show", "-p", "Result", "--value", "certbot.service"]
@@ -425,27 +393,66 @@ def test_renewal_by_certbot_service_as_the_timer_runs_it(machine: Machine) -> No
     assert after in entries
 
 
-def test_a_renewal_nginx_refuses_is_not_loaded_and_is_recorded(machine: Machine) -> None:
-    """The deploy hook tests nginx first: with a broken nginx configuration nothing is
-    reloaded, the running nginx keeps serving, and the failure is recorded."""
+def test_a_renewed_certificate_that_does_not_match_its_key_is_not_served(
+    machine: Machine,
+) -> None:
+    """With the files loaded at each handshake, `nginx -t` no longer reads them: the deploy
+    hook checks the pair itself. A lineage whose certificate is for another key is refused,
+    nothing in the store changes, nginx keeps serving, and the failure is recorded."""
     before = served(machine)["serial"]
-    bad = machine.path("/etc/nginx/conf.d/zz-broken.conf")
-    bad.write_text("this is not nginx syntax;\n")
-    try:
-        r = machine.run(
-            ["aipbxctl", "cert", "deploy-hook"], check=False, env={"RENEWED_LINEAGE": LIVE}
-        )
-    finally:
-        bad.unlink()
+    current = machine.run(["readlink", "/etc/aipbx-tls/current"]).stdout.strip()
+    chain = machine.path(f"/etc/aipbx-tls/{current}/fullchain.pem").read_bytes()
+    bad = f"/root/bad-lineage/{DOMAIN}"
+    machine.path(bad).mkdir(parents=True, exist_ok=True)
+    machine.run(["cp", "-L", f"{LIVE}/privkey.pem", f"{bad}/privkey.pem"])
+    machine.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "30", "-subj", f"/CN={DOMAIN}", "-keyout", "/root/other.key",
+            "-out", f"{bad}/fullchain.pem",
+        ]
+    )  # fmt: skip
+    machine.run(["cp", f"{bad}/fullchain.pem", f"{bad}/cert.pem"])
+    r = machine.run(["aipbxctl", "cert", "deploy-hook"], check=False, env={"RENEWED_LINEAGE": bad})
     assert r.returncode == 1, (r.stdout, r.stderr)
-    assert "nginx did not take it" in r.stderr and "keeps serving" in r.stderr, r.stderr
+    assert "nginx did not take it" in r.stderr and "do not match" in r.stderr, r.stderr
+    assert "keeps serving the previous certificate" in r.stderr, r.stderr
     assert served(machine)["serial"] == before
+    assert machine.path(f"/etc/aipbx-tls/{current}/fullchain.pem").read_bytes() == chain
     st = aipbxctl_json(machine, "cert", "status")
-    assert "nginx did not take it" in st["renewal"]["problem"]
-    # a good run clears it
+    assert "do not match" in st["renewal"]["problem"]
+    # the real lineage again: served, and the problem is cleared
     machine.run(["aipbxctl", "cert", "deploy-hook"], env={"RENEWED_LINEAGE": LIVE})
     st = aipbxctl_json(machine, "cert", "status")
     assert st["renewal"]["problem"] is None
+
+
+def test_a_renewal_with_a_new_key_switches_directory_with_a_reload(machine: Machine) -> None:
+    """`certbot renew --new-key` (a key rotation): a certificate and its key cannot be
+    renamed into place together, so the hook puts them in a new directory, renders the site
+    with it and reloads nginx (after nginx -t). The previous directory stays for the
+    handshakes old workers still do."""
+    before = served(machine)["serial"]
+    old_dir = machine.run(["readlink", "/etc/aipbx-tls/current"]).stdout.strip()
+    workers = nginx_workers(machine)
+    machine.run(
+        [
+            "certbot", "renew", "--force-renewal", "--new-key", "--no-random-sleep-on-renew",
+            "-q",
+        ],
+        env=CA_ENV,
+    )  # fmt: skip
+    after = served(machine)["serial"]
+    new_dir = machine.run(["readlink", "/etc/aipbx-tls/current"]).stdout.strip()
+    assert after != before and new_dir != old_dir
+    assert machine.path(f"/etc/aipbx-tls/{old_dir}/privkey.pem").exists()
+    assert wait_until(lambda: nginx_workers(machine).isdisjoint(workers), 30, "the reload")
+    doc = json.loads(machine.path(STATUS).read_text())
+    assert doc["last_renewal"]["serial"] == after and doc["last_renewal"]["nginx_reloaded"]
+    st = aipbxctl_json(machine, "cert", "status")
+    assert st["serving"] == f"/etc/aipbx-tls/{new_dir}/fullchain.pem"
+    assert st["rendered_as_configured"] is True and st["renewal"]["problem"] is None
+    say(f"new key: {old_dir} -> {new_dir}, serial {before} -> {after}, nginx reloaded")
 
 
 def test_failed_renewal_keeps_the_old_certificate_and_alerts(machine: Machine) -> None:

@@ -156,6 +156,9 @@ def test_rendered_site_names_the_served_file(tmp_path: Path) -> None:
     site = "server {\n    ssl_certificate     /etc/letsencrypt/live/d.test/fullchain.pem;\n"
     served = acme.served_certificate(site)
     assert served == Path("/etc/letsencrypt/live/d.test/fullchain.pem")
+    store = "map $ssl_server_name $aipbx_tls_dir {\n    default /etc/aipbx-tls/key-0123;\n}\n"
+    site = store + "server {\n    ssl_certificate     $aipbx_tls_dir/fullchain.pem;\n"
+    assert acme.served_certificate(site) == Path("/etc/aipbx-tls/key-0123/fullchain.pem")
     assert acme.served_certificate("server {}") is None
     assert acme.kind_of(paths.selfsigned_cert, paths) == "self-signed"
     assert acme.kind_of(acme.lineage(paths, "d.test") / "fullchain.pem", paths) == "acme"

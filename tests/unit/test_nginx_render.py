@@ -25,7 +25,10 @@ def test_site_has_seed_routes_headers_and_limits(tmp_path: Path) -> None:
         "listen 127.0.0.1:5005;",
         "listen 127.0.0.1:3033;",
         f"include {tmp_path}/etc/aipbx/nginx-upstream.conf;",
-        f"ssl_certificate     {tmp_path}/etc/aipbx/tls/selfsigned.crt;",
+        # loaded at every handshake from the store's current directory (no reload to renew)
+        "ssl_certificate     $aipbx_tls_dir/fullchain.pem;",
+        "ssl_certificate_key $aipbx_tls_dir/privkey.pem;",
+        f"default {tmp_path}/etc/aipbx-tls/current;",
     ):
         assert needle in site, needle
     assert "listen [::]" not in site
