@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DEB := build/aipbx-appliance_$(VERSION)_all.deb
 
-.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench bench-upgrade bench-watchdog clean sample
+.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench bench-upgrade bench-watchdog bench-tls clean sample
 
 help:
 	@echo "make demo   build the .deb, boot Debian 12 under systemd-nspawn, install, set up"
@@ -68,7 +68,7 @@ piuparts: deb
 demo: venv deb sample
 	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.demo
 
-bench: bench-upgrade bench-watchdog bench-backup
+bench: bench-upgrade bench-watchdog bench-backup bench-tls
 
 bench-upgrade: venv deb sample
 	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.upgrade
@@ -76,6 +76,11 @@ bench-upgrade: venv deb sample
 # The watchdog's recovery times, crash-loop cost and footprint: build/bench/watchdog.json.
 bench-watchdog: venv deb sample
 	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.watchdog
+
+# TLS handshakes with a static vs a variable certificate path, and a renewal under keep-alive
+# load (nginx -s reload vs fullchain.pem renamed over), on this host's nginx: build/bench/tls.json.
+bench-tls: venv
+	$(VPY) -m bench.tls
 
 clean:
 	rm -rf build/src build/*.deb build/venv
