@@ -1,12 +1,15 @@
 """Issue 5 in a booted Debian 12: certificates from an ACME CA (Debian's Pebble, on
 loopback inside the machine). The self-signed certificate of the install, `aipbxctl cert
 issue` through nginx's webroot, renewals (by hand and by certbot.service, as
-certbot.timer runs it) under HTTPS load with no failed request, a renewal that fails while
-the old certificate keeps serving and the watchdog says so, a renewed certificate nginx
-refuses, and bad input refused before certbot runs.
+certbot.timer runs it) under HTTPS load on fresh and on kept-alive connections with no
+failed request and no nginx reload, a renewal with a new key (a new directory and a
+reload), a renewed certificate that does not match its key (refused), a renewal that
+fails while the old certificate keeps serving and the watchdog says so, short
+certificates driving the watchdog's expiry check, and bad input refused before certbot
+runs.
 
 The tests run in order on one machine. Pebble keeps its state in memory: it runs as one
-transient unit for the whole module."""
+transient unit for the whole module (the expiry test starts its own short-lived ones)."""
 
 from __future__ import annotations
 
@@ -87,6 +90,45 @@ def health(machine: Machine) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def start_pebble(machine: Machine, unit: str, port: int, validity_s: int) -> str:
+    """Debian's pebble as a transient unit on loopback (`port` ACME, `port` + 1000
+    management), issuing certificates valid for `validity_s`; its directory URL."""
+    config = {
+        "pebble": {
+            "listenAddress": f"127.0.0.1:{port}",
+            "managementListenAddress": f"127.0.0.1:{port + 1000}",
+            "certificate": PEBBLE_CA,
+            "privateKey": f"{PEBBLE_DIR}/key.pem",
+            # Where it would validate; PEBBLE_VA_ALWAYS_VALID skips validation anyway.
+            "httpPort": 80,
+            "tlsPort": 443,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": False,
+            "certificateValidityPeriod": validity_s,
+        }
+    }
+    machine.path(f"{PEBBLE_DIR}/{unit}.json").write_text(json.dumps(config))
+    env = ("PEBBLE_VA_ALWAYS_VALID=1", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0")
+    machine.run(
+        [
+            "systemd-run",
+            f"--unit={unit}",
+            *(f"--setenv={e}" for e in env),
+            "/usr/bin/pebble",
+            "-config",
+            f"{PEBBLE_DIR}/{unit}.json",
+        ]
+    )
+    url = f"https://localhost:{port}/dir"
+    wait_until(
+        lambda: machine.run(["curl", "-sf", "--cacert", PEBBLE_CA, url], check=False).returncode
+        == 0,
+        30,
+        f"{unit}'s ACME directory",
+    )
+    return url
+
+
 @pytest.fixture(scope="module", autouse=True)
 def pebble(machine: Machine, deb: Path) -> Iterator[None]:
     install(machine, deb)
@@ -116,38 +158,7 @@ def pebble(machine: Machine, deb: Path) -> Iterator[None]:
             PEBBLE_CA,
         ]
     )
-    config = {
-        "pebble": {
-            "listenAddress": "127.0.0.1:14000",
-            "managementListenAddress": "127.0.0.1:15000",
-            "certificate": PEBBLE_CA,
-            "privateKey": f"{PEBBLE_DIR}/key.pem",
-            # Where it would validate; PEBBLE_VA_ALWAYS_VALID skips validation anyway.
-            "httpPort": 80,
-            "tlsPort": 443,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": False,
-            "certificateValidityPeriod": VALIDITY_S,
-        }
-    }
-    machine.path(f"{PEBBLE_DIR}/config.json").write_text(json.dumps(config))
-    env = ("PEBBLE_VA_ALWAYS_VALID=1", "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0")
-    machine.run(
-        [
-            "systemd-run",
-            "--unit=pebble-test",
-            *(f"--setenv={e}" for e in env),
-            "/usr/bin/pebble",
-            "-config",
-            f"{PEBBLE_DIR}/config.json",
-        ]
-    )
-    wait_until(
-        lambda: machine.run(["curl", "-sf", "--cacert", PEBBLE_CA, ACME], check=False).returncode
-        == 0,
-        30,
-        "pebble's ACME directory",
-    )
+    start_pebble(machine, "pebble-test", 14000, VALIDITY_S)
     # certbot.service (what certbot.timer runs) trusts pebble's HTTPS the same way, as an
     # operator of a private ACME CA would set it.
     dropin = machine.path("/etc/systemd/system/certbot.service.d")
@@ -494,3 +505,33 @@ def test_failed_renewal_keeps_the_old_certificate_and_alerts(machine: Machine) -
         f"pebble stopped: certbot.service failed, still serving {before}; watchdog: "
         f"{check['state']}: {check['error']}"
     )
+
+
+@pytest.mark.parametrize(
+    ("days", "state"), [(10, "warning"), (2, "critical")], ids=["10-days", "2-days"]
+)
+def test_a_certificate_near_its_end_is_warning_then_critical(
+    machine: Machine, days: int, state: str
+) -> None:
+    """A CA issuing short certificates (a second Pebble), through `cert issue --server`:
+    the served certificate's end date drives the watchdog's `cert` check, WARNING at 14
+    days left or fewer, CRITICAL at 3 or fewer (the defaults)."""
+    unit = f"pebble-{days}d"
+    url = start_pebble(machine, unit, 14000 + days, days * 86400)
+    try:
+        done = aipbxctl_json(machine, "cert", "issue", "--server", url, env=CA_ENV)
+    finally:
+        machine.run(["systemctl", "stop", unit], check=False)
+    assert done["issued"] is True, done
+    assert served(machine)["serial"] == done["certificate"]["serial"]
+    left = done["certificate"]["days_left"]
+    assert left == days - 1, done
+
+    def cert_check() -> dict[str, Any] | None:
+        h = health(machine)
+        c = h["checks"].get("cert") if h else None
+        return c if c and c["state"] == state else None
+
+    check = wait_until(cert_check, 30, f"the watchdog's cert check to be {state}")
+    assert f"expires in {left} days" in check["error"], check
+    say(f"a {days}-day certificate: {left} days left, watchdog cert check {state}")
