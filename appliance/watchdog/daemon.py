@@ -231,5 +231,55 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         log.warning("uvloop not available; using asyncio's default loop")
-    asyncio.run(_main(paths))
+    run_bounded(_main(paths))
     return 0
+
+
+# How long a stopping daemon waits for work still running in its threads.
+EXIT_GRACE = 2.0
+
+
+def run_bounded(main_coro: Coroutine[Any, Any, None], grace: float = EXIT_GRACE) -> None:
+    """asyncio.run, except that work still running in a thread cannot hold up the exit for
+    more than `grace` seconds. Checks and restarts run `systemctl` in threads, and
+    `systemctl restart` waits for the unit's start job: asyncio.run would wait for it (and
+    then the interpreter would join the thread), so a stop of the watchdog would last as
+    long as a backend's start. Nothing in those threads needs finishing: state is on disk
+    and systemd owns the jobs; the processes they started are left to systemd (the
+    watchdog's cgroup is cleaned up at stop)."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main_coro)
+    finally:
+        try:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()  # shuts the default executor down without waiting
+    busy = join_threads(grace)
+    if busy:
+        log.warning(
+            "exiting with %d thread(s) still busy: %s",
+            len(busy),
+            ", ".join(busy),
+            extra={"fields": {"action": "stop"}},
+        )
+        logging.shutdown()
+        os._exit(0)
+
+
+def join_threads(grace: float) -> list[str]:
+    """Wait up to `grace` seconds for the other non-daemon threads; the names of those
+    still running."""
+    import threading
+
+    deadline = time.monotonic() + grace
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    for t in others:
+        if not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in others if t.is_alive() and not t.daemon]

@@ -118,3 +118,29 @@ def test_start_up_reconcile_starts_the_live_backend(tmp_path: Path) -> None:
     assert [(verb, unit) for verb, unit, _ in services.calls] == [
         ("start", "aipbx-backend@green.service")
     ]
+
+
+def test_a_thread_still_busy_does_not_hold_up_the_exit() -> None:
+    """A `systemctl restart` in a thread waits for the unit's start job; the daemon's stop
+    must not wait for it. Here a thread sleeps 60 s: the exit comes after the 2 s grace,
+    with the thread named in the log."""
+    code = (
+        "import asyncio, time\n"
+        "from appliance.log import setup\n"
+        "from appliance.watchdog.daemon import run_bounded\n"
+        "setup(identifier='t', stderr=True)\n"
+        "async def main():\n"
+        "    asyncio.get_running_loop().run_in_executor(None, time.sleep, 60)\n"
+        "    await asyncio.sleep(0.1)\n"
+        "run_bounded(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("JOURNAL_STREAM", None)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert 2 <= took < 10, took
+    assert "exiting with 1 thread(s) still busy" in proc.stderr, proc.stderr
