@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.system.appliance import install
-from tests.system.machine import Machine, ensure_rootfs, harness_problem
+from tests.system.harness import harness_problem
+from tests.system.machine import Machine
+from tests.system.rootfs import ensure_rootfs
 
 TOP = Path(__file__).resolve().parents[1]
 DB = "aipbx_production"

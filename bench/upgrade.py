@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from bench import bluegreen, timeline
-from tests.system.machine import Machine, ensure_rootfs, harness_problem
+from tests.system.harness import harness_problem
+from tests.system.machine import Machine
+from tests.system.rootfs import ensure_rootfs
 
 TOP = Path(__file__).resolve().parents[1]
 

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import bluegreen
-from tests.system.machine import Machine, ensure_rootfs, harness_problem
+from tests.system.harness import harness_problem
+from tests.system.machine import Machine
+from tests.system.rootfs import ensure_rootfs
 
 TOP = Path(__file__).resolve().parents[1]
 CONF = "/etc/aipbx/aipbx.toml"

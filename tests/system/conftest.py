@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.machine import (
-    Machine,
-    ensure_rootfs,
-    harness_problem,
-    sweep_stale_machines,
-)
+from tests.system.harness import harness_problem
+from tests.system.leftovers import sweep_stale_machines
+from tests.system.machine import Machine
+from tests.system.rootfs import ensure_rootfs
 
 REPO_TOP = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_TOP / "build" / "cache"

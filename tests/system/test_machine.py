@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.machine import Machine, read_packages
+from tests.system.machine import Machine
+from tests.system.rootfs import read_packages
 
 pytestmark = pytest.mark.system
 
