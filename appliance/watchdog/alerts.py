@@ -35,6 +35,31 @@ class Alert:
     wall: float = 0.0  # epoch seconds, filled in by the daemon for the message
 
 
+def alert_doc(a: Alert) -> dict[str, object]:
+    """An alert as the spool keeps it (epoch time: monotonic time does not survive a restart)."""
+    return {
+        "severity": str(a.severity),
+        "check": a.check,
+        "text": a.text,
+        "incident": a.incident,
+        "wall": a.wall,
+    }
+
+
+def alert_from_doc(d: object, now: float, wall_now: float) -> Alert | None:
+    """The alert a spool entry describes, or None if it is not one (a torn or foreign file
+    must not stop the watchdog)."""
+    if not isinstance(d, dict):
+        return None
+    try:
+        severity = Severity(d["severity"])
+        check, text, incident = (str(d[k]) for k in ("check", "text", "incident"))
+        wall = float(d["wall"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return Alert(severity, check, text, incident, now - max(0.0, wall_now - wall), wall)
+
+
 def _dur(seconds: float) -> str:
     s = int(seconds)
     if s < 120:
@@ -85,6 +110,37 @@ class IncidentTracker:
             text = f"{self.check} is down for {_dur(now - self.down_since)}: {detail}"
             return [self._alert(Severity.CRITICAL, text, now)]
         return []
+
+    def state_doc(self, now: float, wall_now: float) -> dict[str, object]:
+        """What must survive a restart: the incident count, and the open incident (so it
+        is not alerted again, and its INFO still follows). Times as epoch seconds."""
+        doc: dict[str, object] = {"count": self.count}
+
+        def wall(mono: float) -> int:  # whole seconds: the file changes with the state only
+            return round(wall_now - (now - mono))
+
+        if self.started is not None:
+            doc["started"] = wall(self.started)
+            doc["down_since"] = None if self.down_since is None else wall(self.down_since)
+            doc["critical_sent"] = self.critical_sent
+            doc["warning_sent"] = self.warning_sent
+        return doc
+
+    def resume(self, doc: object, now: float, wall_now: float) -> None:
+        """Take back what state_doc saved; anything unreadable is ignored."""
+        if not isinstance(doc, dict):
+            return
+        count = doc.get("count")
+        if isinstance(count, int) and count >= 0:
+            self.count = count
+        started = doc.get("started")
+        if not isinstance(started, int | float):
+            return
+        self.started = now - max(0.0, wall_now - started)
+        down = doc.get("down_since")
+        self.down_since = now - max(0.0, wall_now - down) if isinstance(down, int | float) else None
+        self.critical_sent = doc.get("critical_sent") is True
+        self.warning_sent = doc.get("warning_sent") is True
 
     def _ok(self, status: Status, now: float) -> list[Alert]:
         if self.started is None:

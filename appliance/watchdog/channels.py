@@ -14,14 +14,14 @@ import logging
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from appliance.config import Alerts
 from appliance.run import masked
-from appliance.watchdog.alerts import Alert, Outbox, Severity
+from appliance.watchdog.alerts import Alert, Outbox, Severity, alert_doc, alert_from_doc
 from appliance.watchdog.backoff import Backoff, Clock
 
 log = logging.getLogger("aipbx.watchdog")
@@ -230,6 +230,7 @@ class ChannelRunner:
         self.clock = clock
         self.host = host
         self._wake = asyncio.Event()
+        self.on_change: Callable[[], None] = lambda: None  # the queue changed
 
     def push(self, alert: Alert) -> None:
         dropped = self.outbox.push(alert)
@@ -242,6 +243,7 @@ class ChannelRunner:
                 self.outbox.dropped,
                 extra={"fields": {"action": "alert_dropped", "channel": self.name}},
             )
+        self.on_change()
         self._wake.set()
 
     def _mask(self, text: str) -> str:
@@ -276,6 +278,7 @@ class ChannelRunner:
                 )
             else:
                 self.outbox.done(self.clock())
+                self.on_change()
                 log.info(
                     "alert %s %s sent to %s",
                     alert.severity,
@@ -321,6 +324,32 @@ class Alerter:
                 await t
         for r in self.runners.values():
             await r.sender.close()
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever a queue changes (an alert queued, sent or dropped)."""
+        for r in self.runners.values():
+            r.on_change = callback
+
+    def queue_docs(self) -> dict[str, list[dict[str, object]]]:
+        """The alerts not yet delivered, per channel, oldest first."""
+        return {n: [alert_doc(a) for a in r.outbox.queue] for n, r in self.runners.items()}
+
+    def requeue(self, docs: object, now: float, wall_now: float) -> int:
+        """Queue again what was not delivered before a restart (to the channels still on);
+        returns how many."""
+        if not isinstance(docs, dict):
+            return 0
+        n = 0
+        for name, entries in docs.items():
+            runner = self.runners.get(name)
+            if runner is None or not isinstance(entries, list):
+                continue
+            for d in entries:
+                alert = alert_from_doc(d, now, wall_now)
+                if alert is not None:
+                    runner.outbox.push(alert)
+                    n += 1
+        return n
 
     def publish(self, alert: Alert) -> None:
         log.log(

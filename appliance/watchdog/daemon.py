@@ -94,11 +94,13 @@ async def supervise(
     *,
     clock: Clock = time.monotonic,
     grace: float = ROUND_GRACE,
+    after_round: Callable[[], None] = lambda: None,
 ) -> None:
     next_round = clock()
     last_status = ""
     while not stop.is_set():
         await _round(monitor, settings.timeout, notifier, clock, grace)
+        after_round()
         notifier.notify("WATCHDOG=1")
         line = status_line(monitor.snapshot())
         if line != last_status:
@@ -120,6 +122,7 @@ async def run(
     health: Callable[[], dict[str, Any]],
     alerter: Any = None,
     on_start: Callable[[], Coroutine[Any, Any, object]] | None = None,
+    after_round: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve the API, start the alert channels and the start-up reconcile, then supervise
     until `stop` is set."""
@@ -142,7 +145,7 @@ async def run(
     notifier.notify("READY=1")
     log.info("watchdog started", extra={"fields": {"action": "start"}})
     try:
-        await supervise(monitor, settings, notifier, stop)
+        await supervise(monitor, settings, notifier, stop, after_round=after_round)
     finally:
         notifier.notify("STOPPING=1")
         log.info("watchdog stopping", extra={"fields": {"action": "stop"}})
@@ -171,6 +174,7 @@ async def _main(paths: Paths) -> None:
     from appliance.services import SystemdServices
     from appliance.watchdog import reconcile
     from appliance.watchdog.channels import Alerter, configure
+    from appliance.watchdog.spool import Spool
     from appliance.watchdog.targets import LiveTargets
 
     stop = asyncio.Event()
@@ -209,6 +213,19 @@ async def _main(paths: Paths) -> None:
     def health() -> dict[str, Any]:
         return {**monitor.snapshot(), "alerts": alerter.snapshot()}
 
+    # Alerts not yet delivered and open incidents survive a restart.
+    spool = Spool(paths.var / "watchdog-alerts.json")
+    saved = spool.load()
+    monitor.resume_alert_state(saved.get("monitor"))
+    requeued = alerter.requeue(saved.get("queues"), time.monotonic(), time.time())
+    if requeued:
+        log.info("%d alert(s) from before the restart are queued again", requeued)
+
+    def persist() -> None:
+        spool.save(monitor.alert_state(), alerter.queue_docs())
+
+    alerter.watch(persist)
+
     await run(
         monitor,
         settings,
@@ -217,6 +234,7 @@ async def _main(paths: Paths) -> None:
         health=health,
         alerter=alerter,
         on_start=lambda: reconcile.apply(paths, services),
+        after_round=persist,
     )
 
 

@@ -326,6 +326,28 @@ class Monitor:
     def _publish(self, alert: Alert) -> None:
         self.publisher.publish(replace(alert, wall=self._wall_of(alert.at)))
 
+    # -- what survives a restart (appliance.watchdog.spool)
+
+    def alert_state(self) -> dict[str, Any]:
+        now, wall = self.clock(), self.wall()
+        return {
+            "incidents": {n: cs.tracker.state_doc(now, wall) for n, cs in self.states.items()},
+            "muted": sorted(self._muted),
+        }
+
+    def resume_alert_state(self, doc: object) -> None:
+        """Open incidents from before a restart: not alerted again, their INFO still sent."""
+        if not isinstance(doc, dict):
+            return
+        now, wall = self.clock(), self.wall()
+        incidents = doc.get("incidents")
+        if isinstance(incidents, dict):
+            for name, cs in self.states.items():
+                cs.tracker.resume(incidents.get(name), now, wall)
+        muted = doc.get("muted")
+        if isinstance(muted, list):
+            self._muted |= {m for m in muted if isinstance(m, str)}
+
     # -- what the API shows
 
     def _wall_of(self, mono: float) -> float:

@@ -5,6 +5,7 @@ stop on SIGTERM. Its breakers are set never to open, so it restarts nothing on t
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
@@ -12,9 +13,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -144,3 +148,99 @@ def test_a_thread_still_busy_does_not_hold_up_the_exit() -> None:
     assert proc.returncode == 0, proc.stderr
     assert 2 <= took < 10, took
     assert "exiting with 1 thread(s) still busy" in proc.stderr, proc.stderr
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    got: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.got.append(json.loads(body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _daemon(root: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "AIPBX_ROOT": str(root), "PYTHONPATH": str(REPO)}
+    for k in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
+        env.pop(k, None)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "bin/aipbx-watchdog")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _until(pred: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_an_undelivered_alert_survives_a_restart_and_is_not_repeated(tmp_path: Path) -> None:
+    """PostgreSQL is down (nothing on its port) and the webhook is down too: the CRITICAL
+    waits in the spool. The watchdog restarts (as a package upgrade restarts it), the
+    webhook comes up: the CRITICAL from before arrives, once, and the open incident is
+    not alerted again."""
+    root = tmp_path / "root"
+    (root / "etc/aipbx").mkdir(parents=True)
+    (root / "var/lib/aipbx").mkdir(parents=True)
+    hook_port = free_port()
+    (root / "etc/aipbx/aipbx.toml").write_text(
+        "[watchdog]\n"
+        f"api_port = {free_port()}\n"
+        'interval = "200ms"\ntimeout = "500ms"\nslow_threshold = "400ms"\n'
+        'critical_after = "0s"\nfailures_to_open = 1000000\n'
+        "[alerts]\n"
+        f'webhook_url = "http://127.0.0.1:{hook_port}/hook"\nsend_timeout = "1s"\n'
+        "[database]\n"
+        f"postgres_port = {free_port()}\npgbouncer_port = {free_port()}\n"
+    )
+    spool = root / "var/lib/aipbx/watchdog-alerts.json"
+
+    def queued() -> list[dict[str, Any]]:
+        try:
+            doc = json.loads(spool.read_text())
+        except (OSError, ValueError):
+            return []
+        entries: list[dict[str, Any]] = doc["queues"].get("webhook", [])
+        return [e for e in entries if e["check"] == "postgresql"]
+
+    first = _daemon(root)
+    try:
+        entry = _until(queued, 15, "the CRITICAL in the spool")[0]
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(10) == 0
+    finally:
+        stop(first)
+    assert entry["severity"] == "CRITICAL" and entry["incident"] == "postgresql#1", entry
+    saved = json.loads(spool.read_text())["monitor"]["incidents"]["postgresql"]
+    assert saved["critical_sent"] is True and saved["count"] == 1, saved
+
+    _Hook.got = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", hook_port), _Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    second = _daemon(root)
+    try:
+        _until(lambda: [a for a in _Hook.got if a["incident"] == "postgresql#1"], 15, "delivery")
+        time.sleep(2)  # ten more rounds with PostgreSQL still down
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(10) == 0
+    finally:
+        stop(second)
+        srv.shutdown()
+    sent = [a for a in _Hook.got if a["check"] == "postgresql"]
+    assert [(a["severity"], a["incident"]) for a in sent] == [("CRITICAL", "postgresql#1")], sent
+    # the alert raised before the restart (its time), not a new one for the same outage
+    raised = datetime.fromtimestamp(entry["wall"], UTC).isoformat(timespec="seconds")
+    assert sent[0]["time"] == raised, (sent, entry)
+    assert queued() == []

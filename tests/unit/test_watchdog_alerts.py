@@ -3,6 +3,8 @@ per incident, WARNINGs for slow answers, rate limits, retries, overflow."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from appliance.config import Alerts
 from appliance.watchdog.alerts import Alert, IncidentTracker, Outbox, Severity
 from appliance.watchdog.backoff import Backoff
@@ -193,3 +195,69 @@ def test_messages_carry_severity_host_text_and_incident() -> None:
     msg = mail.compose(a, "pbx1")
     assert msg["Subject"] == "[aipbx pbx1] CRITICAL: nginx is down for 61 s: refused"
     assert msg["To"] == "a@example.test, b@example.test"
+
+
+# -- what survives a restart (appliance.watchdog.spool)
+
+
+def test_an_open_incident_survives_a_restart_without_a_second_critical() -> None:
+    before = IncidentTracker("nginx", critical_after=10, recover_after=2)
+    alerts = [a for t in range(20) for a in before.observe(CRIT, float(t), "down")]
+    assert [a.severity for a in alerts] == [Severity.CRITICAL]
+    # saved at monotonic 19 = epoch 1000019; the new process's clock starts anew
+    doc = before.state_doc(19.0, 1_000_019.0)
+    assert doc == {
+        "count": 1,
+        "started": 1_000_000,
+        "down_since": 1_000_000,
+        "critical_sent": True,
+        "warning_sent": False,
+    }
+    after = IncidentTracker("nginx", critical_after=10, recover_after=2)
+    after.resume(doc, 5.0, 1_000_025.0)  # 6 s later, monotonic 5 in the new process
+    assert after.observe(CRIT, 6.0, "down") == []  # already alerted: not again
+    info = after.observe(OK, 7.0, "") + after.observe(OK, 8.0, "")
+    assert [(a.severity, a.incident) for a in info] == [(Severity.INFO, "nginx#1")]
+    assert "after 28 s" in info[0].text  # counted from the start before the restart
+    # the next incident is #2, not #1 again
+    nxt = [a for t in range(9, 30) for a in after.observe(CRIT, float(t), "down")]
+    assert [a.incident for a in nxt] == ["nginx#2"]
+
+
+def test_a_closed_incident_keeps_only_the_count_and_junk_is_ignored() -> None:
+    tr = IncidentTracker("pg", critical_after=0, recover_after=1)
+    feed(tr, [CRIT, OK])
+    assert tr.state_doc(5.0, 100.0) == {"count": 1}
+    fresh = IncidentTracker("pg", critical_after=0, recover_after=1)
+    for junk in (None, [], {"count": "x"}, {"count": -1, "started": "soon"}):
+        fresh.resume(junk, 0.0, 100.0)
+    assert fresh.count == 0 and fresh.started is None
+
+
+def test_alert_documents_round_trip_and_junk_is_refused() -> None:
+    from appliance.watchdog.alerts import alert_doc, alert_from_doc
+
+    a = Alert(Severity.CRITICAL, "nginx", "nginx is down", "nginx#3", at=50.0, wall=1000.0)
+    back = alert_from_doc(alert_doc(a), 10.0, 1030.0)
+    assert back == Alert(Severity.CRITICAL, "nginx", "nginx is down", "nginx#3", -20.0, 1000.0)
+    for junk in ("x", {}, {**alert_doc(a), "severity": "LOUD"}, {**alert_doc(a), "wall": "?"}):
+        assert alert_from_doc(junk, 0.0, 0.0) is None
+
+
+def test_the_spool_writes_only_changes_and_survives_a_bad_file(tmp_path: Path) -> None:
+    from appliance.watchdog.spool import Spool
+
+    path = tmp_path / "watchdog-alerts.json"
+    spool = Spool(path)
+    assert spool.load() == {}
+    spool.save({"incidents": {}}, {"webhook": []})
+    first = path.stat().st_ino
+    spool.save({"incidents": {}}, {"webhook": []})
+    assert path.stat().st_ino == first  # unchanged: not written again
+    assert path.stat().st_mode & 0o777 == 0o600
+    doc = Spool(path).load()
+    assert doc["queues"] == {"webhook": []} and doc["monitor"] == {"incidents": {}}
+    path.write_text("{torn")
+    assert Spool(path).load() == {}
+    path.write_text('{"schema": "something-else"}')
+    assert Spool(path).load() == {}
