@@ -229,7 +229,8 @@ def test_a_closed_incident_keeps_only_the_count_and_junk_is_ignored() -> None:
     feed(tr, [CRIT, OK])
     assert tr.state_doc(5.0, 100.0) == {"count": 1}
     fresh = IncidentTracker("pg", critical_after=0, recover_after=1)
-    for junk in (None, [], {"count": "x"}, {"count": -1, "started": "soon"}):
+    junks: list[object] = [None, [], {"count": "x"}, {"count": -1, "started": "soon"}]
+    for junk in junks:
         fresh.resume(junk, 0.0, 100.0)
     assert fresh.count == 0 and fresh.started is None
 
