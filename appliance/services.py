@@ -1,5 +1,6 @@
 """Service control behind one small interface (DESIGN decision 12). SystemdServices is the
-production implementation; a supervisord one serves hosts whose PID 1 is not systemd."""
+implementation. The supervisord one the design plans for hosts whose PID 1 is not systemd
+is not built yet: the appliance needs systemd as PID 1."""
 
 from __future__ import annotations
 
