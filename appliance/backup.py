@@ -11,7 +11,8 @@ the newest good one.
 
 Who runs it: aipbx-backup.service (User=postgres, from aipbx-backup.timer) runs the pg
 tools itself; `aipbxctl backup` as root runs them through `runuser -u postgres`. Both go
-through PostgreSQL's local socket with peer authentication, never through PgBouncer.
+through PostgreSQL's local socket with peer authentication, never through PgBouncer
+(appliance.pgtools).
 
 The outcome of scheduled and manual backups is kept in /var/lib/aipbx/backup-status.json
 (written by root: by `aipbxctl backup`, or by the unit's privileged ExecStopPost=), which
@@ -24,9 +25,7 @@ import hashlib
 import json
 import logging
 import os
-import pwd
 import re
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,10 +36,10 @@ from appliance.config import Config
 from appliance.errors import AipbxError, CommandError, UsageError
 from appliance.fsutil import atomic_write, fsync_dir, locked
 from appliance.paths import Paths
+from appliance.pgtools import db_args, pg_ids, pg_run
 
 log = logging.getLogger("aipbx.backup")
 
-PG_USER = "postgres"
 SUFFIX = ".dump"
 META_SUFFIX = ".json"  # NAME.dump.json beside NAME.dump
 PARTIAL = ".partial"
@@ -222,96 +221,6 @@ def find_pre_upgrade(directory: Path, release: str) -> Backup | None:
     return found[-1] if found else None
 
 
-# --- running the pg tools as postgres -------------------------------------------------
-
-
-def _pg_ids() -> tuple[int, int]:
-    try:
-        pw = pwd.getpwnam(PG_USER)
-    except KeyError:
-        raise AipbxError("there is no postgres user: is PostgreSQL installed?") from None
-    return pw.pw_uid, pw.pw_gid
-
-
-def as_postgres(argv: Sequence[str]) -> list[str]:
-    """argv run as postgres: directly when we are postgres (the unit), through runuser when
-    root (aipbxctl)."""
-    uid, _ = _pg_ids()
-    if os.geteuid() == uid:
-        return list(argv)
-    if os.geteuid() == 0:
-        return ["runuser", "-u", PG_USER, "--", *argv]
-    raise UsageError("backups and restores run as root (or postgres)", hint="use sudo")
-
-
-def pg_run(
-    argv: Sequence[str],
-    *,
-    stdin: Path | None = None,
-    timeout: float | None = 6 * 3600,
-    hint: str | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    """Run a pg tool as postgres; `stdin` is opened here (as root when we are root), so
-    postgres needs no access to a file the operator names."""
-    full = as_postgres(argv)
-    log.debug("+ %s", " ".join(full))
-    with contextlib.ExitStack() as stack:
-        src = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
-        try:
-            proc = subprocess.run(
-                full, stdin=src, capture_output=True, timeout=timeout, check=False
-            )
-        except FileNotFoundError as e:
-            raise CommandError(full, 127, f"{full[0]}: not found", hint=hint) from e
-        except subprocess.TimeoutExpired as e:
-            raise CommandError(full, -1, f"timed out after {timeout}s", hint=hint) from e
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace") or proc.stdout.decode(errors="replace")
-        raise CommandError(full, proc.returncode, err, hint=hint)
-    return proc
-
-
-def _db_args(cfg: Config) -> list[str]:
-    # The local socket (peer authentication as postgres), the cluster's port.
-    return ["-p", str(cfg.database.postgres_port)]
-
-
-def psql(cfg: Config, sql: str, *, db: str | None = None) -> str:
-    argv = ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", *_db_args(cfg)]
-    argv += ["-d", db or cfg.database.name, "-c", sql]
-    return pg_run(argv, timeout=3600).stdout.decode().strip()
-
-
-def db_bytes(cfg: Config) -> int:
-    return int(psql(cfg, f"SELECT pg_database_size('{cfg.database.name}')", db="postgres"))
-
-
-def schema_fingerprint(cfg: Config) -> str:
-    """sha256 of the database's schema (pg_dump --schema-only): what a migration changes."""
-    out = pg_run(["pg_dump", "--schema-only", *_db_args(cfg), cfg.database.name]).stdout
-    # pg_dump >= 15.14 wraps its script in \restrict KEY ... \unrestrict KEY with a random
-    # key per run: not part of the schema.
-    lines = [ln for ln in out.splitlines() if not ln.startswith((b"\\restrict ", b"\\unrestrict "))]
-    return hashlib.sha256(b"\n".join(lines)).hexdigest()
-
-
-def table_rows(cfg: Config) -> dict[str, int]:
-    """Exact row counts of every table of the database, schema.table -> rows."""
-    sql = (
-        "SELECT n.nspname || '.' || c.relname, (xpath('/row/c/text()', query_to_xml("
-        "format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')"
-        "))[1]::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', "
-        "'information_schema') AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1"
-    )
-    rows: dict[str, int] = {}
-    for line in psql(cfg, sql).splitlines():
-        name, _, count = line.rpartition("|")
-        if name:
-            rows[name] = int(count)
-    return rows
-
-
 # --- verification ----------------------------------------------------------------------
 
 
@@ -374,7 +283,7 @@ def dir_lock(directory: Path, *, wait: float = 0) -> contextlib.AbstractContextM
         directory / LOCK_NAME,
         "backup or restore",
         wait=wait,
-        owner=_pg_ids() if os.geteuid() == 0 else None,
+        owner=pg_ids() if os.geteuid() == 0 else None,
         hint="wait for it to finish (`systemctl status aipbx-backup.service`)",
     )
 
@@ -386,14 +295,14 @@ def ensure_dir(directory: Path) -> None:
     if os.geteuid() != 0:
         raise BackupError(f"{directory} does not exist", hint="run `aipbxctl setup` as root")
     directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-    uid, gid = _pg_ids()
+    uid, gid = pg_ids()
     os.chown(directory, uid, gid)
     os.chmod(directory, 0o700)
 
 
 def _own(path: Path) -> None:
     if os.geteuid() == 0:
-        uid, gid = _pg_ids()
+        uid, gid = pg_ids()
         os.chown(path, uid, gid)
 
 
@@ -467,7 +376,7 @@ def take_locked(
     try:
         try:
             pg_run(
-                ["pg_dump", "-Fc", *_db_args(cfg), "-f", str(tmp), cfg.database.name],
+                ["pg_dump", "-Fc", *db_args(cfg), "-f", str(tmp), cfg.database.name],
                 hint="is PostgreSQL running? `systemctl status postgresql`",
             )
         except CommandError as e:

@@ -16,25 +16,23 @@ and the writes the live color made since the backup are named as lost."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pwd
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from appliance import backup, secrets
+from appliance import backup, pgtools, secrets
 from appliance.colors import Color
 from appliance.config import Config
-from appliance.errors import AipbxError
+from appliance.errors import AipbxError, CommandError
 from appliance.launcher import backend_env
 from appliance.paths import Paths
 from appliance.releases import SERVICE_USER, Installed
+from appliance.run import masked, run_as
 
 log = logging.getLogger("aipbx.migrate")
 
@@ -78,46 +76,18 @@ def migration_env(
     return env, [v for v in secret.values() if v]
 
 
-def _masked(text: str, hidden: list[str]) -> str:
-    for s in hidden:
-        text = text.replace(s, "***")
-    return text
-
-
-def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Run as the service user in a process group of its own; (exit code, output)."""
-    with tempfile.TemporaryFile() as output:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                user=SERVICE_USER,
-                group=SERVICE_USER,
-                extra_groups=[],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                umask=0o027,
-            )
-        except OSError as e:
-            return 127, f"{argv[0]}: {e.strerror}"
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = -1
-        # Whatever it left running in its group goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        output.seek(0)
-        text = output.read().decode(errors="replace")
-    if code == -1:
-        text += f"\ntimed out after {timeout:.0f}s"
-    return code, text
+def _run(
+    argv: list[str], cwd: Path, env: dict[str, str], timeout: float, hidden: list[str]
+) -> tuple[int, str]:
+    """Run as the service user in a process group of its own; (exit code, output with the
+    secrets masked). Not started: 127/126; timed out: -1 (the group killed)."""
+    try:
+        proc = run_as(
+            argv, user=SERVICE_USER, env=env, cwd=cwd, timeout=timeout, check=False, secrets=hidden
+        )
+    except CommandError as e:
+        return e.returncode, e.stderr  # already masked
+    return proc.returncode, masked([proc.stdout], hidden)[0]
 
 
 def run_migration(
@@ -132,7 +102,7 @@ def run_migration(
     """Run the release's migration; returns what happened, for the upgrade's steps. On a
     failure raises MigrationFailed after making sure the database is as it was."""
     figures = figures if figures is not None else {}
-    before = backup.schema_fingerprint(cfg)
+    before = pgtools.schema_fingerprint(cfg)
     try:
         pw = pwd.getpwnam(SERVICE_USER)
     except KeyError:
@@ -142,11 +112,10 @@ def run_migration(
         os.chown(home, pw.pw_uid, pw.pw_gid)
         env, hidden = migration_env(paths, cfg, rel, home)
         t0 = time.monotonic()
-        code, output = _run(list(rel.manifest.migrate), rel.path, env, timeout)
+        code, output = _run(list(rel.manifest.migrate), rel.path, env, timeout, hidden)
         took = time.monotonic() - t0
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    output = _masked(output, hidden)
     for line in output.splitlines()[-200:]:
         log.info("migration of %s: %s", rel.dirname, line, extra={"fields": {"action": "migrate"}})
     if code == 0:
@@ -154,7 +123,7 @@ def run_migration(
         return f"migration done in {took:.1f}s"
     lines = [ln for ln in output.strip().splitlines() if ln.strip()]
     why = f"exit {code}: {lines[-1] if lines else 'no output'}"
-    after = backup.schema_fingerprint(cfg)
+    after = pgtools.schema_fingerprint(cfg)
     if after == before:
         figures.update(database="unchanged")
         raise MigrationFailed(

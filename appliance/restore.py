@@ -17,22 +17,19 @@ starts, and the row count of every table is reported."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import backup, health, nginx, releases, state
+from appliance import backup, health, nginx, pgtools, releases, state
 from appliance.colors import Color, color_net
 from appliance.config import Config
 from appliance.errors import AipbxError, UsageError
 from appliance.paths import Paths
+from appliance.run import PipelineError, run_pipe
 from appliance.services import Services, systemd_is_running
 
 log = logging.getLogger("aipbx.restore")
@@ -89,9 +86,8 @@ def check(path: Path) -> backup.Verified:
 # --- the database --------------------------------------------------------------------------
 
 
-def _tail(f: Any) -> str:
-    f.seek(0)
-    lines = f.read().decode(errors="replace").strip().splitlines()
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
     return lines[-1] if lines else "no error output"
 
 
@@ -104,59 +100,42 @@ def restore_database(cfg: Config, path: Path, *, lock_timeout: str | None = None
     if lock_timeout:
         preamble += f"SET lock_timeout = '{lock_timeout}';\n"
     preamble += f"BEGIN;\nDROP OWNED BY {db.user};\n"
-    dump_argv = backup.as_postgres(["pg_restore", "--clean", "--if-exists", "-f", "-"])
-    psql_argv = backup.as_postgres(
+    dump_argv = pgtools.as_postgres(["pg_restore", "--clean", "--if-exists", "-f", "-"])
+    psql_argv = pgtools.as_postgres(
         ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-p", port, "-d", db.name]
     )
-    with (
-        open(path, "rb") as src,
-        tempfile.TemporaryFile() as dump_err,
-        tempfile.TemporaryFile() as psql_err,
-    ):
-        dumper = subprocess.Popen(dump_argv, stdin=src, stdout=subprocess.PIPE, stderr=dump_err)
-        loader = subprocess.Popen(
-            psql_argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err
+    try:
+        # pg_restore reads the file (opened here, as root) and its script goes to psql
+        # after the preamble; COMMIT follows only when pg_restore exited 0. Otherwise psql
+        # ends at EOF inside the transaction (or stops at an error: ON_ERROR_STOP), and
+        # PostgreSQL rolls it back.
+        run_pipe(
+            dump_argv,
+            psql_argv,
+            stdin=path,
+            head=preamble.encode(),
+            tail=b"COMMIT;\n",
+            timeout=None,
         )
-        assert dumper.stdout is not None and loader.stdin is not None
-        broken = False
-        try:
-            loader.stdin.write(preamble.encode())
-            shutil.copyfileobj(dumper.stdout, loader.stdin, 1 << 20)
-        except BrokenPipeError:
-            broken = True  # psql stopped at an error (ON_ERROR_STOP): it rolled back
-        dumper.stdout.close()
-        if broken:
-            dumper.kill()
-        dump_rc = dumper.wait()
-        if not broken:
-            with contextlib.suppress(BrokenPipeError):
-                # COMMIT only when the whole script came through; otherwise psql ends
-                # at EOF inside the transaction and PostgreSQL rolls it back.
-                if dump_rc == 0:
-                    loader.stdin.write(b"COMMIT;\n")
-                loader.stdin.close()
-        with contextlib.suppress(BrokenPipeError):
-            loader.stdin.close()
-        psql_rc = loader.wait()
-        if psql_rc != 0:
+    except PipelineError as e:
+        if e.stage == 0:
             raise RestoreFailed(
-                f"the restore of {path.name} failed and was rolled back: {_tail(psql_err)}",
-                hint="the database is as it was before; `aipbxctl logs postgresql`",
-            )
-        if dump_rc != 0:
-            raise RestoreFailed(
-                f"pg_restore could not read {path.name}: {_tail(dump_err)}; "
+                f"pg_restore could not read {path.name}: {_last_line(e.stderr)}; "
                 "nothing was committed",
                 hint="the database is as it was before; choose another backup",
-            )
-    backup.psql(cfg, "ANALYZE")
+            ) from e
+        raise RestoreFailed(
+            f"the restore of {path.name} failed and was rolled back: {_last_line(e.stderr)}",
+            hint="the database is as it was before; `aipbxctl logs postgresql`",
+        ) from e
+    pgtools.psql(cfg, "ANALYZE")
     return time.monotonic() - t0
 
 
 def terminate_sessions(cfg: Config) -> int:
     """End every other session on the database (an operator's psql, a stray client): the
     restore needs its tables to itself."""
-    out = backup.psql(
+    out = pgtools.psql(
         cfg,
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
         f"WHERE datname = '{cfg.database.name}' AND pid <> pg_backend_pid()",
@@ -268,7 +247,7 @@ def run(
             seconds = restore_database(cfg, path)
             result["restore_s"] = round(seconds, 3)
             steps.step("restore", f"{path.name} restored in {seconds:.1f}s (one transaction)")
-            rows = backup.table_rows(cfg)
+            rows = pgtools.table_rows(cfg)
             result["tables"] = rows
             result["rows"] = sum(rows.values())
             steps.step("rows", ", ".join(f"{t}={n}" for t, n in rows.items()) or "no tables")
