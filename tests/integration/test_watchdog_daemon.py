@@ -30,6 +30,17 @@ REPO = Path(__file__).resolve().parents[2]
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def stopped(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """The exit code; if it does not exit in time, where each of its threads was (its
+    faulthandler prints them on SIGABRT) goes into the failure."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"no exit {timeout} s after SIGTERM:\n{err.decode()}") from None
+
+
 def test_daemon_notifies_serves_and_stops(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "etc/aipbx").mkdir(parents=True)
@@ -80,7 +91,7 @@ def test_daemon_notifies_serves_and_stops(tmp_path: Path) -> None:
         rss_kib = int(Path(f"/proc/{proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
         print(f"watchdog RSS under test: {rss_kib / 1024:.1f} MiB")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        assert stopped(proc, 10) == 0
     finally:
         stop(proc)
         notify.close()

@@ -318,6 +318,12 @@ def test_hang_and_crash_are_restarted_and_alerted_once_per_incident(
             await until(lambda: len(services.restarts()) == 2, 5, "second restart")
             await until(lambda: len(receiver.telegram) >= 4, 10, "second incident alerts")
             await until(lambda: len(receiver.webhook) >= 4, 10, "second incident on webhook")
+            # the receivers count a message when it arrives, the watchdog once it is answered
+            await until(
+                lambda: all(alerter.snapshot()[c]["sent"] == 4 for c in ("telegram", "webhook")),
+                5,
+                "the last answers to reach the watchdog",
+            )
 
             # -- the API, on its free port
             async with aiohttp.ClientSession() as s:
