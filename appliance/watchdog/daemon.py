@@ -36,7 +36,12 @@ ROUND_GRACE = 5.0
 
 
 class Notifier:
-    """sd_notify through python3-sdnotify; silent when not run by systemd."""
+    """sd_notify through python3-sdnotify; silent when not run by systemd.
+
+    The socket is made non-blocking: sdnotify's is blocking, and a datagram socket whose
+    reader lags (its queue holds net.unix.max_dgram_qlen = 10 messages) would block the
+    event loop in the middle of a ping, signals and all. A ping that does not fit is
+    dropped (sdnotify ignores the error); the next one follows within half of WatchdogSec."""
 
     def __init__(self) -> None:
         self._n = None
@@ -44,6 +49,8 @@ class Notifier:
             import sdnotify
 
             self._n = sdnotify.SystemdNotifier()
+            if self._n.socket is not None:
+                self._n.socket.setblocking(False)
 
     def notify(self, msg: str) -> None:
         if self._n is not None:

@@ -255,3 +255,44 @@ def test_an_undelivered_alert_survives_a_restart_and_is_not_repeated(tmp_path: P
     raised = datetime.fromtimestamp(entry["wall"], UTC).isoformat(timespec="seconds")
     assert sent[0]["time"] == raised, (sent, entry)
     assert queued() == []
+
+
+def test_a_notify_socket_nobody_reads_does_not_block_the_daemon(tmp_path: Path) -> None:
+    """sd_notify over a datagram socket: when its reader lags, the queue (10 messages)
+    fills. The daemon must go on (and stop on SIGTERM), not block in a ping."""
+    root = tmp_path / "root"
+    (root / "etc/aipbx").mkdir(parents=True)
+    (root / "var/lib/aipbx").mkdir(parents=True)
+    port = free_port()
+    (root / "etc/aipbx/aipbx.toml").write_text(
+        f'[watchdog]\napi_port = {port}\ninterval = "100ms"\ntimeout = "100ms"\n'
+        'slow_threshold = "50ms"\nfailures_to_open = 1000000\n'
+        f"[database]\npostgres_port = {free_port()}\n"
+    )
+    sock_path = Path(tempfile.mkdtemp(prefix="aipbx-notify-")) / "notify"
+    unread = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    unread.bind(str(sock_path))
+    env = {
+        **os.environ,
+        "AIPBX_ROOT": str(root),
+        "NOTIFY_SOCKET": str(sock_path),
+        "WATCHDOG_USEC": "200000",
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("JOURNAL_STREAM", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bin/aipbx-watchdog")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(3)  # some 60 pings: the queue filled long ago
+        # still serving: the loop is not stuck in a ping
+        with OPENER.open(f"http://127.0.0.1:{port}/system-health", timeout=2) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert stopped(proc, 10) == 0
+    finally:
+        stop(proc)
+        unread.close()
