@@ -67,3 +67,9 @@ def check(ruleset: str) -> None:
 
 def delete(table: str = TABLE) -> None:
     run(["nft", "delete", "table", "inet", table], check=False)
+
+
+def listed(table: str = TABLE) -> str:
+    """`nft list table inet TABLE`, or "" when the table is not there."""
+    proc = run(["nft", "list", "table", "inet", table], check=False, timeout=10)
+    return proc.stdout if proc.returncode == 0 else ""

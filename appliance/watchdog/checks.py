@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from appliance import acme, cert
+from appliance import acme, cert, nft
+from appliance.colors import LIVE_ADDR
 from appliance.errors import AipbxError
 from appliance.services import Services
 from appliance.watchdog import probes
@@ -35,6 +36,7 @@ MEMORY = "memory"
 CERT = "cert"
 BACKUP = "backup"
 CERT_RENEWAL = "cert_renewal"
+SWITCH = "switch"
 ALL_CHECKS = (
     BACKEND_HTTP,
     BACKEND_WS,
@@ -46,11 +48,15 @@ ALL_CHECKS = (
     CERT,
     BACKUP,
     CERT_RENEWAL,
+    SWITCH,
 )
 
 NGINX_UNIT = "nginx.service"
 POSTGRESQL_UNIT = "postgresql.service"
 PGBOUNCER_UNIT = "aipbx-pgbouncer.service"
+# Not a unit: the nft table that is the blue/green switch, "restarted" by applying it again
+# from state.json (appliance.reconcile.network).
+SWITCH_UNIT = "nft table inet aipbx"
 HTTP_PATH = "/api"
 T = TypeVar("T")
 WS_PATH = "/socket.io/?EIO=4&transport=websocket"
@@ -82,6 +88,8 @@ def unit_of(check: str, t: Targets) -> str | None:
     """The unit a check's breaker restarts (None: nothing to restart)."""
     if check in (BACKEND_HTTP, BACKEND_WS):
         return t.backend_unit if t.color else None
+    if check == SWITCH:
+        return SWITCH_UNIT if t.color else None
     return {NGINX: NGINX_UNIT, POSTGRESQL: POSTGRESQL_UNIT, PGBOUNCER: PGBOUNCER_UNIT}.get(check)
 
 
@@ -260,6 +268,7 @@ class Checks:
             CERT: self.cert,
             BACKUP: self.backup,
             CERT_RENEWAL: self.cert_renewal,
+            SWITCH: self.switch,
         }
         self.backups = BackupWatch()
         self.renewals = RenewalWatch(ttl=max(60.0, settings.interval), clock=clock)
@@ -282,6 +291,29 @@ class Checks:
         start = self.clock()
         seen = await probe
         return seen, self.clock() - start
+
+    async def switch(self, t: Targets) -> Result:
+        """The blue/green switch: nginx reaches the live color at 127.203.0.1, which the nft
+        table DNATs (UDP calls go through the same table). A flushed ruleset (`systemctl
+        restart nftables`, `nft flush ruleset`) takes it away: nginx gets connection refused
+        and new calls go nowhere, while the backend checks, which go to the color directly,
+        see nothing wrong. A connect through the address each round; the table itself is
+        read only when that fails (the backend may simply be down)."""
+        if not t.color:
+            return Result(Status.IDLE, detail="no live color")
+        try:
+            _, writer = await asyncio.open_connection(LIVE_ADDR, t.http_port)
+            writer.close()
+            return Result(Status.OK, detail=f"{LIVE_ADDR}:{t.http_port} reaches {t.color}")
+        except OSError:
+            pass
+        table = await asyncio.to_thread(nft.listed)
+        if not table:
+            return Result(Status.CRITICAL, error="the nft switch table inet aipbx is missing")
+        if t.backend_host not in table:
+            error = f"the nft switch table does not send to {t.color} ({t.backend_host})"
+            return Result(Status.CRITICAL, error=error)
+        return Result(Status.OK, detail=f"the table sends to {t.color}; its backend is down")
 
     async def backend_http(self, t: Targets) -> Result:
         if not t.color:

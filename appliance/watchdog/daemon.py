@@ -178,6 +178,7 @@ def load_config(paths: Paths) -> config_mod.Config:
 
 
 async def _main(paths: Paths) -> None:
+    from appliance import reconcile as reconcile_net
     from appliance.services import SystemdServices
     from appliance.watchdog import reconcile
     from appliance.watchdog.channels import Alerter, configure
@@ -215,6 +216,7 @@ async def _main(paths: Paths) -> None:
         services,
         alerter,
         change_running=lambda: lock_held(paths.lock),
+        repair_switch=lambda: reconcile_net.network(paths, load_config(paths)),
     )
 
     def health() -> dict[str, Any]:

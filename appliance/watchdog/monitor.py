@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from appliance.errors import AipbxError
 from appliance.services import Services
 from appliance.watchdog.alerts import Alert, IncidentTracker, Severity
 from appliance.watchdog.backoff import Backoff, Clock, RestartBudget
@@ -25,6 +26,7 @@ from appliance.watchdog.checks import (
     NGINX_UNIT,
     PGBOUNCER_UNIT,
     POSTGRESQL_UNIT,
+    SWITCH_UNIT,
     Checks,
     Targets,
     target_of,
@@ -74,11 +76,14 @@ class Monitor:
         wall: Callable[[], float] = time.time,
         enabled: Collection[str] = ALL_CHECKS,
         change_running: Callable[[], bool] = lambda: False,
+        repair_switch: Callable[[], object] | None = None,
     ) -> None:
         self.s = settings
         # An upgrade or rollback holds the mutation lock: it owns the backends meanwhile
         # (its probation switches back on failure), so their restarts wait.
         self.change_running = change_running
+        # Puts the nft switch table back from state.json (appliance.reconcile.network).
+        self.repair_switch = repair_switch
         self._deferred_logged = False
         self._muted: set[str] = set()  # incidents folded into another check's alert
         self.targets = targets
@@ -223,7 +228,8 @@ class Monitor:
                     )
             if unit in self._restarting or unit not in self._wanted:
                 continue
-            if unit.startswith("aipbx-backend@") and self.change_running():
+            owned_by_change = unit.startswith("aipbx-backend@") or unit == SWITCH_UNIT
+            if owned_by_change and self.change_running():
                 if not self._deferred_logged:
                     log.warning(
                         "%s is down, but an upgrade or rollback is running: its restart waits",
@@ -252,7 +258,8 @@ class Monitor:
     async def _restart(self, unit: str, why: str, down: list[CheckState]) -> None:
         checks = ",".join(cs.name for cs in down)
         fields = {"action": "restart", "unit": unit, "check": checks, "state": "critical"}
-        log.warning("restarting %s (%s)", unit, why, extra={"fields": fields})
+        verb = "restor" if unit == SWITCH_UNIT else "restart"  # the table is applied again
+        log.warning("%sing %s (%s)", verb, unit, why, extra={"fields": fields})
         try:
             await asyncio.to_thread(self._reset_and_restart, unit)
         except Exception as e:
@@ -263,11 +270,16 @@ class Monitor:
                 extra={"fields": {**fields, "outcome": "failed"}},
             )
         else:
-            log.info("restarted %s", unit, extra={"fields": {**fields, "outcome": "ok"}})
+            log.info("%sed %s", verb, unit, extra={"fields": {**fields, "outcome": "ok"}})
         finally:
             del self._restarting[unit]
 
     def _reset_and_restart(self, unit: str) -> None:
+        if unit == SWITCH_UNIT:
+            if self.repair_switch is None:
+                raise AipbxError("this watchdog cannot restore the nft switch table")
+            self.repair_switch()
+            return
         # A unit that crash-looped into systemd's start limit refuses a plain restart; this
         # restart is deliberate (and rationed by the budget), so clear the limit first.
         if unit.startswith("aipbx-backend@"):

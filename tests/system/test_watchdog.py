@@ -296,6 +296,34 @@ def test_a_crashed_backend_serves_again(machine: Machine) -> None:
     assert machine.run(["systemctl", "is-active", backend]).stdout.strip() == "active"
 
 
+def test_a_flushed_ruleset_is_noticed_and_the_switch_table_restored(machine: Machine) -> None:
+    """`nft flush ruleset` (what Debian's /etc/nftables.conf does when nftables.service
+    restarts) takes the switch table away: nginx gets connection refused from 127.203.0.1
+    while the backend, checked directly, is fine. The watchdog's switch check sees it and
+    applies the table again from state.json."""
+    wait_until(lambda: api_ok(machine), 30, "the API through nginx")
+    wait_until(lambda: check_state(machine, "switch") == ("ok", "closed"), 30, "switch ok")
+    since = machine_time(machine)
+    t0 = time.monotonic()
+    machine.run(["nft", "flush", "ruleset"])  # the machine's own network namespace
+    assert not api_ok(machine)
+    wait_until(
+        lambda: restarted_by_watchdog(machine, "nft table inet aipbx", since),
+        30,
+        "the watchdog to restore the switch table",
+    )
+    wait_until(lambda: api_ok(machine), 10, "the API through nginx again")
+    took = time.monotonic() - t0
+    print(f"flushed ruleset -> serving through the switch again in {took:.1f} s")
+    assert took < 15, took  # 3 failed rounds at a 1 s interval open the breaker
+    table = machine.run(["nft", "list", "table", "inet", "aipbx"]).stdout
+    live = json.loads(machine.path("/var/lib/aipbx/state.json").read_text())["live_color"]
+    assert "dnat ip to" in table and live in ("blue", "green"), table
+    entry = restarted_by_watchdog(machine, "nft table inet aipbx", since)[0]
+    assert "switch table inet aipbx is missing" in entry["MESSAGE"], entry
+    wait_until(lambda: check_state(machine, "switch") == ("ok", "closed"), 30, "switch ok again")
+
+
 def test_a_hung_backend_alerts_once_to_telegram_and_the_webhook(machine: Machine) -> None:
     """CRITICAL then INFO, once each, on a fake Telegram API and a webhook receiver."""
     shutil.copy(HERE / "fake_alert_receiver.py", machine.path("/root") / "receiver.py")
