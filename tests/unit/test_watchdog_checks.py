@@ -325,3 +325,28 @@ def test_monitor_idles_backend_checks_without_a_live_color() -> None:
         assert snap["live_color"] is None
 
     asyncio.run(scenario())
+
+
+def test_a_missing_switch_table_is_applied_again_not_restarted_as_a_unit() -> None:
+    """The switch check's "unit" is the nft table: the breaker opening calls the repair
+    (appliance.reconcile.network in the daemon), never systemctl, and not during a change."""
+    settings = Settings(interval=1, failures_to_open=2, cooldown=5, critical_after=60)
+    m, _, services, _, checks, rounds = rig(settings, ("switch",))
+    repaired: list[int] = []
+    m.repair_switch = lambda: repaired.append(1)
+    assert unit_of("switch", targets()) == "nft table inet aipbx"
+    assert unit_of("switch", targets(None)) is None
+
+    async def scenario() -> None:
+        checks.status = {"switch": Status.CRITICAL}
+        changing = {"now": True}
+        m.change_running = lambda: changing["now"]
+        await rounds(3)
+        assert repaired == []  # an upgrade owns the table meanwhile
+        changing["now"] = False
+        await rounds(1)
+        assert repaired == [1]
+        assert services.calls == []
+        assert m.snapshot()["restarts"]["nft table inet aipbx"]["total"] == 1
+
+    asyncio.run(scenario())
