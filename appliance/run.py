@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from appliance.errors import CommandError
 
@@ -88,24 +88,29 @@ def run(
     shown = masked(argv, secrets)
     log.debug("+ %s", shlex.join(shown))
     full_env = {**os.environ, **env} if env else None
+    proc: subprocess.CompletedProcess[str] = _complete(
+        argv, shown, timeout, hint, input=input, text=True, env=full_env, cwd=cwd
+    )
+    if check and proc.returncode != 0:
+        raise _failed(shown, proc.returncode, proc.stderr or proc.stdout, secrets, hint)
+    return proc
+
+
+def _complete(
+    argv: Sequence[str],
+    shown: list[str],
+    timeout: float | None,
+    hint: str | None,
+    **how: Any,
+) -> subprocess.CompletedProcess[Any]:
+    """subprocess.run with output captured, its start and timeout errors as CommandError;
+    `how`: text, input or stdin, env, cwd."""
     try:
-        proc = subprocess.run(
-            list(argv),
-            input=input,
-            capture_output=True,
-            text=True,
-            env=full_env,
-            cwd=cwd,
-            timeout=timeout,
-            check=False,
-        )
+        return subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False, **how)
     except OSError as e:
         raise _not_started(argv, shown, e, hint) from e
     except subprocess.TimeoutExpired as e:
         raise _timed_out(shown, timeout, hint) from e
-    if check and proc.returncode != 0:
-        raise _failed(shown, proc.returncode, proc.stderr or proc.stdout, secrets, hint)
-    return proc
 
 
 def run_bytes(
@@ -130,20 +135,9 @@ def run_bytes(
         src: IO[bytes] | int = (
             stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
         )
-        try:
-            proc = subprocess.run(
-                list(argv),
-                stdin=src,
-                capture_output=True,
-                env=full_env,
-                cwd=cwd,
-                timeout=timeout,
-                check=False,
-            )
-        except OSError as e:
-            raise _not_started(argv, shown, e, hint) from e
-        except subprocess.TimeoutExpired as e:
-            raise _timed_out(shown, timeout, hint) from e
+        proc: subprocess.CompletedProcess[bytes] = _complete(
+            argv, shown, timeout, hint, stdin=src, env=full_env, cwd=cwd
+        )
     if check and proc.returncode != 0:
         raise _failed(shown, proc.returncode, proc.stderr or proc.stdout, secrets, hint)
     return proc

@@ -41,38 +41,45 @@ def stopped(proc: subprocess.Popen[bytes], timeout: float) -> int:
         raise AssertionError(f"no exit {timeout} s after SIGTERM:\n{err.decode()}") from None
 
 
-def test_daemon_notifies_serves_and_stops(tmp_path: Path) -> None:
+def _root(tmp_path: Path, toml: str) -> Path:
+    """A root for AIPBX_ROOT with aipbx.toml."""
     root = tmp_path / "root"
     (root / "etc/aipbx").mkdir(parents=True)
     (root / "var/lib/aipbx").mkdir(parents=True)
+    (root / "etc/aipbx/aipbx.toml").write_text(toml)
+    return root
+
+
+def _daemon(root: Path, **env: str) -> subprocess.Popen[bytes]:
+    """bin/aipbx-watchdog under `root`, logging to stderr; `env` on top (NOTIFY_SOCKET...)."""
+    full = {**os.environ, "AIPBX_ROOT": str(root), "PYTHONPATH": str(REPO)}
+    for k in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
+        full.pop(k, None)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "bin/aipbx-watchdog")],
+        env={**full, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_daemon_notifies_serves_and_stops(tmp_path: Path) -> None:
     port = free_port()
-    (root / "etc/aipbx/aipbx.toml").write_text(
+    root = _root(
+        tmp_path,
         "[watchdog]\n"
         f"api_port = {port}\n"
         'interval = "200ms"\ntimeout = "500ms"\nslow_threshold = "400ms"\n'
         "failures_to_open = 1000000\n"
         "[database]\n"
-        f"postgres_port = {free_port()}\n"
+        f"postgres_port = {free_port()}\n",
     )
     (root / "etc/aipbx/secrets.env").write_text("TELEGRAM_BOT_TOKEN=never-shown\n")
     sock_path = Path(tempfile.mkdtemp(prefix="aipbx-notify-")) / "notify"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(sock_path))
     notify.settimeout(0.2)
-    env = {
-        **os.environ,
-        "AIPBX_ROOT": str(root),
-        "NOTIFY_SOCKET": str(sock_path),
-        "WATCHDOG_USEC": "1000000",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("JOURNAL_STREAM", None)
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "bin/aipbx-watchdog")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = _daemon(root, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="1000000")
     messages: list[str] = []
     try:
         deadline = time.monotonic() + 15
@@ -175,18 +182,6 @@ class _Hook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _daemon(root: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "AIPBX_ROOT": str(root), "PYTHONPATH": str(REPO)}
-    for k in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
-        env.pop(k, None)
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "bin/aipbx-watchdog")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 def _until(pred: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -202,11 +197,9 @@ def test_an_undelivered_alert_survives_a_restart_and_is_not_repeated(tmp_path: P
     waits in the spool. The watchdog restarts (as a package upgrade restarts it), the
     webhook comes up: the CRITICAL from before arrives, once, and the open incident is
     not alerted again."""
-    root = tmp_path / "root"
-    (root / "etc/aipbx").mkdir(parents=True)
-    (root / "var/lib/aipbx").mkdir(parents=True)
     hook_port = free_port()
-    (root / "etc/aipbx/aipbx.toml").write_text(
+    root = _root(
+        tmp_path,
         "[watchdog]\n"
         f"api_port = {free_port()}\n"
         'interval = "200ms"\ntimeout = "500ms"\nslow_threshold = "400ms"\n'
@@ -214,7 +207,7 @@ def test_an_undelivered_alert_survives_a_restart_and_is_not_repeated(tmp_path: P
         "[alerts]\n"
         f'webhook_url = "http://127.0.0.1:{hook_port}/hook"\nsend_timeout = "1s"\n'
         "[database]\n"
-        f"postgres_port = {free_port()}\npgbouncer_port = {free_port()}\n"
+        f"postgres_port = {free_port()}\npgbouncer_port = {free_port()}\n",
     )
     spool = root / "var/lib/aipbx/watchdog-alerts.json"
 
@@ -260,32 +253,17 @@ def test_an_undelivered_alert_survives_a_restart_and_is_not_repeated(tmp_path: P
 def test_a_notify_socket_nobody_reads_does_not_block_the_daemon(tmp_path: Path) -> None:
     """sd_notify over a datagram socket: when its reader lags, the queue (10 messages)
     fills. The daemon must go on (and stop on SIGTERM), not block in a ping."""
-    root = tmp_path / "root"
-    (root / "etc/aipbx").mkdir(parents=True)
-    (root / "var/lib/aipbx").mkdir(parents=True)
     port = free_port()
-    (root / "etc/aipbx/aipbx.toml").write_text(
+    root = _root(
+        tmp_path,
         f'[watchdog]\napi_port = {port}\ninterval = "100ms"\ntimeout = "100ms"\n'
         'slow_threshold = "50ms"\nfailures_to_open = 1000000\n'
-        f"[database]\npostgres_port = {free_port()}\n"
+        f"[database]\npostgres_port = {free_port()}\n",
     )
     sock_path = Path(tempfile.mkdtemp(prefix="aipbx-notify-")) / "notify"
     unread = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     unread.bind(str(sock_path))
-    env = {
-        **os.environ,
-        "AIPBX_ROOT": str(root),
-        "NOTIFY_SOCKET": str(sock_path),
-        "WATCHDOG_USEC": "200000",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("JOURNAL_STREAM", None)
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "bin/aipbx-watchdog")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = _daemon(root, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="200000")
     try:
         time.sleep(3)  # some 60 pings: the queue filled long ago
         # still serving: the loop is not stuck in a ping
