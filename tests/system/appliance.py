@@ -32,9 +32,13 @@ def assert_no_failed_units(machine: Machine) -> None:
 
 
 def aipbxctl_json(
-    machine: Machine, *args: str, check: bool = True, timeout: float = 300
+    machine: Machine,
+    *args: str,
+    check: bool = True,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    r = machine.run(["aipbxctl", *args, "--json"], check=False, timeout=timeout)
+    r = machine.run(["aipbxctl", *args, "--json"], check=False, timeout=timeout, env=env)
     if check and r.returncode != 0:
         raise AssertionError(
             f"aipbxctl {' '.join(args)} exited {r.returncode}\n" f"{r.stdout}\n{r.stderr}"
@@ -44,6 +48,18 @@ def aipbxctl_json(
     except json.JSONDecodeError:
         raise AssertionError(f"not JSON: {r.stdout}\n{r.stderr}") from None
     return r.returncode, data
+
+
+def health(machine: Machine) -> dict[str, Any] | None:
+    """The watchdog's /system-health, or None while it does not answer."""
+    r = machine.run(
+        ["curl", "-s", "--max-time", "2", "http://127.0.0.1:6030/system-health"], check=False
+    )
+    try:
+        data = json.loads(r.stdout)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0.3) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.appliance import install, wait_until
+from tests.system.appliance import aipbxctl_json, health, install, wait_until
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
@@ -68,26 +68,6 @@ def pebble_issuer(machine: Machine, kind: str) -> str:
     machine.path(path).write_text(pem)
     out = machine.run(["openssl", "x509", "-in", path, "-noout", "-subject", "-nameopt", "RFC2253"])
     return out.stdout.strip().removeprefix("subject=")
-
-
-def aipbxctl_json(
-    machine: Machine, *args: str, env: dict[str, str] | None = None
-) -> dict[str, Any]:
-    r = machine.run(["aipbxctl", *args, "--json"], check=False, timeout=300, env=env)
-    assert r.returncode == 0, f"aipbxctl {' '.join(args)}: {r.returncode}\n{r.stdout}{r.stderr}"
-    data: dict[str, Any] = json.loads(r.stdout)
-    return data
-
-
-def health(machine: Machine) -> dict[str, Any] | None:
-    r = machine.run(
-        ["curl", "-s", "--max-time", "2", "http://127.0.0.1:6030/system-health"], check=False
-    )
-    try:
-        data = json.loads(r.stdout)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def start_pebble(machine: Machine, unit: str, port: int, validity_s: int) -> str:
@@ -170,7 +150,7 @@ def pebble(machine: Machine, deb: Path) -> Iterator[None]:
 
 
 def test_install_serves_the_self_signed_certificate(machine: Machine) -> None:
-    st = aipbxctl_json(machine, "cert", "status")
+    st = aipbxctl_json(machine, "cert", "status")[1]
     assert st["kind"] == "self-signed" and st["source"] == "/etc/aipbx/tls/selfsigned.crt"
     # served from the store nginx's workers read at each handshake, by www-data and no other
     assert re.fullmatch(r"/etc/aipbx-tls/key-[0-9a-f]{16}/fullchain\.pem", st["serving"])
@@ -240,7 +220,7 @@ def test_issue_serves_a_chain_from_pebble(machine: Machine) -> None:
         "--server",
         ACME,
         env=CA_ENV,
-    )
+    )[1]
     took = time.monotonic() - started
     intermediate = pebble_issuer(machine, "intermediates")
     pebble_issuer(machine, "roots")  # saved for the verification below
@@ -262,7 +242,7 @@ def test_issue_serves_a_chain_from_pebble(machine: Machine) -> None:
     assert f'domain = "{DOMAIN}"' in conf and f'email = "{EMAIL}"' in conf
     assert f'acme_server = "{ACME}"' in conf
     machine.run(["aipbxctl", "config", "check"])
-    st = aipbxctl_json(machine, "cert", "status")
+    st = aipbxctl_json(machine, "cert", "status")[1]
     assert st["kind"] == "acme" and st["rendered_as_configured"] is True
     assert st["source"] == f"{LIVE}/fullchain.pem" and st["serving"] == done["serving"]
     assert st["renewal"]["problem"] is None
@@ -334,25 +314,16 @@ def assert_no_failure_and_no_reload(
     assert workers == nginx_workers(machine), "nginx was reloaded"
 
 
-def test_forced_renewal_serves_a_new_serial_with_no_failed_request(machine: Machine) -> None:
-    """Renewal keeps the key (reuse_key): the deploy hook renames the new chain into the
-    key's directory and nginx serves it from the next handshake. No reload: no worker is
-    replaced and no kept-alive connection is closed."""
+def renewed_under_load(machine: Machine, renew: Callable[[], object], what: str) -> str:
+    """Renew under both loads: a new serial, no failed request, no reload, and the fresh
+    connections switching from the old serial to the new one. Returns the new serial."""
     before = served(machine)["serial"]
-    store = machine.run(["readlink", "/etc/aipbx-tls/current"]).stdout.strip()
     workers = nginx_workers(machine)
-
-    def renew() -> None:
-        machine.run(
-            ["certbot", "renew", "--force-renewal", "--no-random-sleep-on-renew", "-q"],
-            env=CA_ENV,
-        )
-
     loads = renew_under_load(machine, renew)
     after = served(machine)["serial"]
     fresh, kept = loads["fresh"], loads["keepalive"]
     say(
-        f"forced renewal: serial {before} -> {after}; fresh connections: {fresh['requests']} "
+        f"{what}: serial {before} -> {after}; fresh connections: {fresh['requests']} "
         f"requests at {fresh['rate']} req/s, failures {len(fresh['failures'])}, serials seen "
         f"{fresh['serials']}; kept-alive: {kept['requests']} POSTs at {kept['rate']} req/s "
         f"on {kept['connections_opened']} connections, failures {len(kept['failures'])}"
@@ -361,6 +332,22 @@ def test_forced_renewal_serves_a_new_serial_with_no_failed_request(machine: Mach
     assert_no_failure_and_no_reload(machine, loads, workers)
     overlap = assert_switched(fresh, before, after)
     say(f"old and new serial both seen for {overlap * 1000:.0f} ms; nginx workers unchanged")
+    return after
+
+
+def test_forced_renewal_serves_a_new_serial_with_no_failed_request(machine: Machine) -> None:
+    """Renewal keeps the key (reuse_key): the deploy hook renames the new chain into the
+    key's directory and nginx serves it from the next handshake. No reload: no worker is
+    replaced and no kept-alive connection is closed."""
+    store = machine.run(["readlink", "/etc/aipbx-tls/current"]).stdout.strip()
+
+    def renew() -> None:
+        machine.run(
+            ["certbot", "renew", "--force-renewal", "--no-random-sleep-on-renew", "-q"],
+            env=CA_ENV,
+        )
+
+    after = renewed_under_load(machine, renew, "forced renewal")
     assert machine.run(["readlink", "/etc/aipbx-tls/current"]).stdout.strip() == store
     doc = json.loads(machine.path(STATUS).read_text())
     assert doc["last_renewal"]["serial"] == after
@@ -370,31 +357,20 @@ def test_forced_renewal_serves_a_new_serial_with_no_failed_request(machine: Mach
 
 
 def test_renewal_by_certbot_service_as_the_timer_runs_it(machine: Machine) -> None:
-    """certbot.service (PrivateTmp=) renews a due certificate; the deploy hook reloads
-    nginx from inside it; its ExecStopPost records the run."""
-    before = served(machine)["serial"]
-    workers = nginx_workers(machine)
-    loads = renew_under_load(
-        machine, lambda: machine.run(["systemctl", "start", "certbot.service"], timeout=300)
-    )
-    after = served(machine)["serial"]
-    fresh, kept = loads["fresh"], loads["keepalive"]
-    say(
-        f"certbot.service renewal: serial {before} -> {after}; fresh {fresh['requests']} "
-        f"requests, failures {len(fresh['failures'])}; kept-alive {kept['requests']} POSTs "
-        f"on {kept['connections_opened']} connections, failures {len(kept['failures'])}"
-    )
-    assert after != before
-    assert_no_failure_and_no_reload(machine, loads, workers)
-    overlap = assert_switched(fresh, before, after)
-    say(f"old and new serial both seen for {overlap * 1000:.0f} ms; nginx workers unchanged")
+    """certbot.service (PrivateTmp=) renews a due certificate; the deploy hook serves it
+    from inside it, without a reload; its ExecStopPost records the run."""
+
+    def start() -> None:
+        machine.run(["systemctl", "start", "certbot.service"], timeout=300)
+
+    after = renewed_under_load(machine, start, "certbot.service renewal")
     assert (
         machine.run(
             ["systemctl", "show", "-p", "Result", "--value", "certbot.service"]
         ).stdout.strip()
         == "success"
     )
-    st = aipbxctl_json(machine, "cert", "status")
+    st = aipbxctl_json(machine, "cert", "status")[1]
     assert st["renewal"]["problem"] is None
     assert st["renewal"]["last_renewal"]["serial"] == after
     assert st["renewal"]["certbot_service"]["result"] == "success"
@@ -430,11 +406,11 @@ def test_a_renewed_certificate_that_does_not_match_its_key_is_not_served(
     assert "keeps serving the previous certificate" in r.stderr, r.stderr
     assert served(machine)["serial"] == before
     assert machine.path(f"/etc/aipbx-tls/{current}/fullchain.pem").read_bytes() == chain
-    st = aipbxctl_json(machine, "cert", "status")
+    st = aipbxctl_json(machine, "cert", "status")[1]
     assert "do not match" in st["renewal"]["problem"]
     # the real lineage again: served, and the problem is cleared
     machine.run(["aipbxctl", "cert", "deploy-hook"], env={"RENEWED_LINEAGE": LIVE})
-    st = aipbxctl_json(machine, "cert", "status")
+    st = aipbxctl_json(machine, "cert", "status")[1]
     assert st["renewal"]["problem"] is None
 
 
@@ -460,7 +436,7 @@ def test_a_renewal_with_a_new_key_switches_directory_with_a_reload(machine: Mach
     assert wait_until(lambda: nginx_workers(machine).isdisjoint(workers), 30, "the reload")
     doc = json.loads(machine.path(STATUS).read_text())
     assert doc["last_renewal"]["serial"] == after and doc["last_renewal"]["nginx_reloaded"]
-    st = aipbxctl_json(machine, "cert", "status")
+    st = aipbxctl_json(machine, "cert", "status")[1]
     assert st["serving"] == f"/etc/aipbx-tls/{new_dir}/fullchain.pem"
     assert st["rendered_as_configured"] is True and st["renewal"]["problem"] is None
     say(f"new key: {old_dir} -> {new_dir}, serial {before} -> {after}, nginx reloaded")
@@ -472,7 +448,7 @@ def test_failed_renewal_keeps_the_old_certificate_and_alerts(machine: Machine) -
     r = machine.run(["systemctl", "start", "certbot.service"], check=False, timeout=300)
     assert r.returncode != 0
     assert served(machine)["serial"] == before  # the old certificate still serves
-    st = aipbxctl_json(machine, "cert", "status")
+    st = aipbxctl_json(machine, "cert", "status")[1]
     problem = st["renewal"]["problem"]
     assert problem and problem.startswith("certbot.service failed"), problem
     assert "could not renew pbx.aipbx.test" in problem and "Connection refused" in problem
@@ -519,7 +495,7 @@ def test_a_certificate_near_its_end_is_warning_then_critical(
     unit = f"pebble-{days}d"
     url = start_pebble(machine, unit, 14000 + days, days * 86400)
     try:
-        done = aipbxctl_json(machine, "cert", "issue", "--server", url, env=CA_ENV)
+        done = aipbxctl_json(machine, "cert", "issue", "--server", url, env=CA_ENV)[1]
     finally:
         machine.run(["systemctl", "stop", unit], check=False)
     assert done["issued"] is True, done

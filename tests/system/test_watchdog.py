@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.appliance import aipbxctl_json, install, wait_until
+from tests.system.appliance import aipbxctl_json, health, install, wait_until
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
@@ -29,17 +29,6 @@ SAMPLE_DIR = Path(os.environ.get("AIPBX_SAMPLE_DIR", HERE.parents[1] / "build" /
 SAMPLE = "aipbx-sample-1.0.0.tar.gz"
 UNIT = "aipbx-watchdog.service"
 CONF = "/etc/aipbx/aipbx.toml"
-
-
-def health(machine: Machine) -> dict[str, Any] | None:
-    r = machine.run(
-        ["curl", "-s", "--max-time", "2", "http://127.0.0.1:6030/system-health"], check=False
-    )
-    try:
-        data = json.loads(r.stdout)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def check_state(machine: Machine, check: str) -> tuple[str, str] | None:
