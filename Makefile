@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DEB := build/aipbx-appliance_$(VERSION)_all.deb
 
-.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench bench-upgrade bench-watchdog bench-tls clean sample
+.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench bench-upgrade bench-watchdog bench-tls clean sample realapp
 
 help:
 	@echo "make demo   build the .deb, boot Debian 12 under systemd-nspawn, install, set up"
@@ -50,8 +50,21 @@ build/sample/aipbx-sample-%.tar.gz: $(wildcard sample_backend/aipbx_sample/*.py)
 	rm -rf build/sample/aipbx-sample-$* build/sample/aipbx-sample-$*.tar.gz*
 	bash sample_backend/build.sh build/sample $*
 
-system: venv deb sample
-	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(PYTEST) tests/system -x
+# The real aiPBX backend (../shared/realapp, test data): built with npm the way its
+# Dockerfile builds its production tree (cached under build/cache/realapp, keyed by the
+# tarball and the recipe), then packed into two releases with `aipbxctl release pack`.
+REALAPP_SRC ?= $(CURDIR)/../shared/realapp
+REALAPP := build/realapp
+realapp: venv
+	@tarball=$$(ls $(REALAPP_SRC)/aiPBX_backend-*.tar.gz 2>/dev/null | head -1); \
+	if [ -z "$$tarball" ]; then echo "realapp: no aiPBX_backend-*.tar.gz in $(REALAPP_SRC)" >&2; exit 1; fi; \
+	command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm; \
+	app=$$(tests/realapp/build-backend.sh "$$tarball" build/cache/realapp) && \
+	PYTHON=$(CURDIR)/$(VPY) tests/realapp/pack-backend.sh "$$app" $(REALAPP)
+
+SYSTEM_ENV = AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample AIPBX_REALAPP_DIR=$(CURDIR)/$(REALAPP)
+system: venv deb sample realapp
+	$(SYSTEM_ENV) $(PYTEST) tests/system -x
 
 test: lint typecheck unit integration lintian piuparts system
 
@@ -65,8 +78,10 @@ lintian: deb
 piuparts: deb
 	bash packaging/piuparts.sh $(DEB)
 
-demo: venv deb sample
-	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.demo
+# APP=real: the same demo with the real aiPBX backend (make realapp).
+APP ?= sample
+demo: venv deb sample $(if $(filter real,$(APP)),realapp)
+	$(SYSTEM_ENV) APP=$(APP) $(VPY) -m bench.demo
 
 bench: bench-upgrade bench-watchdog bench-backup bench-tls
 

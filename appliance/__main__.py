@@ -15,7 +15,17 @@ from typing import Any
 from appliance import __version__, netcheck
 from appliance import config as config_mod
 from appliance import log as logmod
-from appliance.actions import cert_cmd, db_cmd, doctor, logs, rollout, setup, status
+from appliance.actions import (
+    cert_cmd,
+    db_cmd,
+    doctor,
+    env_cmd,
+    logs,
+    migrations_cmd,
+    rollout,
+    setup,
+    status,
+)
 from appliance.cli import parser
 from appliance.errors import AipbxError, ExitCode, UsageError
 from appliance.paths import Paths
@@ -64,7 +74,16 @@ def _dispatch(args: object, paths: Paths) -> int:
     if cmd == "logs":
         argv = logs.journalctl_argv(a["service"], a["follow"], a["lines"])
         os.execvp(argv[0], argv)
-    if cmd in ("upgrade", "rollback"):
+    if cmd == "env":
+        if a["env_command"] == "list":
+            data = env_cmd.list_env(paths)
+            _print_json(data) if a["json"] else print(env_cmd.format_list(data))
+        else:
+            done = env_cmd.change(paths, services, a)
+            verb = a["env_command"]
+            _print_json(done) if a["json"] else print(env_cmd.format_change(done, verb))
+        return ExitCode.OK
+    if cmd in ("upgrade", "rollback", "restart"):
         result = rollout.run_rollout(paths, services, a, cmd)
         if a["json"]:
             _print_json(result)
@@ -96,6 +115,14 @@ def _dispatch(args: object, paths: Paths) -> int:
         return ExitCode.OK
     if cmd == "cert":
         return _cert(a, paths, services)
+    if cmd == "migrations":
+        if a["migrations_command"] == "mark":
+            done = migrations_cmd.run_mark(paths, a)
+            _print_json(done) if a["json"] else print(migrations_cmd.format_mark(done))
+        else:
+            data = migrations_cmd.run_list(paths, a)
+            _print_json(data) if a["json"] else print(migrations_cmd.format_list(data))
+        return ExitCode.OK
     if cmd == "doctor":
         findings = doctor.diagnose(paths, services)
         if a["json"]:
@@ -138,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rollback",
             "reconcile",
             "restore",
+            "restart",
+            "env",  # backend.env is 0640 root:_aipbx
+            "migrations",  # the app role's password (secrets.env) and the mutation lock
         )
         if needs_root and os.geteuid() != 0:
             raise UsageError(

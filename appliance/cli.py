@@ -68,9 +68,45 @@ def parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--migrate", help="migration command, run before the new color starts")
     rp.add_argument("--runtime", help="dir inside the release prepended to PATH (e.g. node/bin)")
+    rp.add_argument(
+        "--shared-dir",
+        dest="shared_dirs",
+        action="append",
+        metavar="DIR",
+        help="a dir the app writes at run time, kept across releases (repeat; replaces the "
+        "manifest's list; default: static, public)",
+    )
+    rp.add_argument(
+        "--sql-migrations",
+        metavar="DIR",
+        help="dir inside the release whose *.sql files upgrade runs, each once, in name order "
+        "(manifest: [migrations] sql_dir)",
+    )
+    rp.add_argument(
+        "--sql-baseline",
+        choices=["empty-database", "never"],
+        help="on a database with no tables yet, record the SQL files without running them "
+        "(empty-database, the default: the app creates its schema) or run them (never)",
+    )
+    rp.add_argument(
+        "--require-env",
+        dest="required_env",
+        action="append",
+        metavar="KEY",
+        help="a variable the release needs in backend.env: upgrade refuses it while it is "
+        "missing or empty (repeat; replaces the manifest's required_env)",
+    )
+    rp.add_argument(
+        "--generate-env",
+        dest="generated_env",
+        action="append",
+        metavar="KEY",
+        help="a secret the appliance generates once into backend.env before the release "
+        "first starts (repeat; replaces the manifest's generated_env)",
+    )
     rp.add_argument("-o", "--out", default=".", help="output directory (default: .)")
 
-    rl = sub.add_parser("releases", help="installed releases and which color runs what")
+    rl = sub.add_parser("releases", help="installed releases, which color runs what, which failed")
     rl.add_argument("--json", action="store_true", help="machine-readable output")
 
     up = sub.add_parser("upgrade", help="blue/green upgrade to a release artifact")
@@ -80,6 +116,34 @@ def parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="switch back to the previous release")
     rb.add_argument("--to", help="an installed version (or release dir name) instead")
     _rollout_options(rb)
+
+    rt = sub.add_parser(
+        "restart",
+        help="blue/green restart of the live release (e.g. with a new environment): "
+        "started on the idle color, health-gated, switched, drained",
+    )
+    _rollout_options(rt, restore_db=False)
+
+    en = sub.add_parser("env", help="the app's environment, /etc/aipbx/backend.env")
+    ensub = en.add_subparsers(dest="env_command", metavar="ACTION", required=True)
+    el = ensub.add_parser("list", help="the app's variables (secrets masked) and what is missing")
+    el.add_argument("--json", action="store_true", help="machine-readable output")
+    es = ensub.add_parser(
+        "set",
+        help="set variables, then apply them with a blue/green restart of the live release",
+    )
+    es.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    eu = ensub.add_parser(
+        "unset", help="remove variables, then apply with a blue/green restart of the live release"
+    )
+    eu.add_argument("keys", nargs="+", metavar="KEY")
+    for ep in (es, eu):
+        ep.add_argument(
+            "--no-restart",
+            action="store_true",
+            help="only write the file; the next `aipbxctl restart` or upgrade applies it",
+        )
+        _rollout_options(ep, restore_db=False)
 
     sub.add_parser("reconcile", help="make the nft switch and the backend units match state.json")
 
@@ -117,12 +181,32 @@ def parser() -> argparse.ArgumentParser:
     cesub.add_parser("deploy-hook")
     cesub.add_parser("record-unit-result")
 
+    mg = sub.add_parser(
+        "migrations", help="a release's SQL files against the database: list, mark handled"
+    )
+    mgsub = mg.add_subparsers(dest="migrations_command", metavar="ACTION", required=True)
+    ml = mgsub.add_parser(
+        "list", help="each SQL file: applied, baseline, marked, pending or changed"
+    )
+    ml.add_argument(
+        "--release", help="an installed version or release dir (default: the newest with SQL)"
+    )
+    ml.add_argument("--json", action="store_true", help="machine-readable output")
+    mm = mgsub.add_parser(
+        "mark", help="record SQL files as handled by hand (marked), without running them"
+    )
+    mm.add_argument("files", nargs="+", metavar="FILE", help="a file name of the release's SQL dir")
+    mm.add_argument(
+        "--release", help="an installed version or release dir (default: the newest with SQL)"
+    )
+    mm.add_argument("--json", action="store_true", help="machine-readable output")
+
     d = sub.add_parser("doctor", help="list what is wrong on this host, with a hint each")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
-def _rollout_options(p: argparse.ArgumentParser) -> None:
+def _rollout_options(p: argparse.ArgumentParser, *, restore_db: bool = True) -> None:
     p.add_argument(
         "--probation",
         type=float,
@@ -143,6 +227,13 @@ def _rollout_options(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds the new color has to become healthy (default: the manifest's)",
     )
+    if restore_db:
+        _restore_db_option(p)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--json", action="store_true", help="print the steps and figures as JSON")
+
+
+def _restore_db_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--restore-db",
         action="store_true",
@@ -150,5 +241,3 @@ def _rollout_options(p: argparse.ArgumentParser) -> None:
         "after its migration ran; rollback: the backup taken before the release being left "
         "was installed). Every write since that backup is lost",
     )
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--json", action="store_true", help="print the steps and figures as JSON")

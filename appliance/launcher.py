@@ -1,6 +1,8 @@
 """`aipbx-backend-launch COLOR`: ExecStart of aipbx-backend@COLOR. Reads the release the color
 points at and execs its command, unmodified, with the contract's environment: PORT,
-UDP_SERVER_PORT, DB_* (PgBouncer at the host end of the color's veth), EXTERNAL_HOST."""
+UDP_SERVER_PORT, DB_* (PgBouncer at the host end of the color's veth), EXTERNAL_HOST, and
+the app's own from /etc/aipbx/backend.env (read here, with the appliance's parser of
+systemd's EnvironmentFile= syntax, so that a migration gets exactly the same)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from appliance import appenv
 from appliance import config as config_mod
 from appliance.colors import Color, color_net, parse_color
 from appliance.config import Config
@@ -18,29 +21,49 @@ from appliance.release.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 
 def backend_env(
-    cfg: Config, color: Color, m: Manifest, release: Path, base: Mapping[str, str]
+    cfg: Config,
+    color: Color | None,
+    m: Manifest,
+    release: Path,
+    base: Mapping[str, str],
+    files: appenv.Files | None = None,
 ) -> dict[str, str]:
-    """Pure: the process environment. The release's [env] cannot override what the
-    appliance owns (ports and database), since the namespace and PgBouncer fix those."""
-    net = color_net(cfg.network.subnet, color)
+    """Pure: the process environment, the one function for a color's backend and for a
+    release's migration (color None: it runs on no color and reaches PostgreSQL itself, not
+    PgBouncer's transaction pool). On `base` (the process's own environment) come
+    backend.env and the app's part of secrets.env (`files`, appliance.appenv), then the
+    release's [env], then what the appliance owns (ports and database), which nothing
+    overrides since the namespace and PgBouncer fix those."""
     env = dict(base)
-    env.update(dict(m.env))
+    env.update(appenv.app_values(files, m) if files is not None else dict(m.env))
+    if color is None:
+        db_host, db_port = "127.0.0.1", cfg.database.postgres_port
+    else:
+        db_host = color_net(cfg.network.subnet, color).host_addr
+        db_port = cfg.database.pgbouncer_port
     env.update(
         {
             "NODE_ENV": env.get("NODE_ENV", "production"),
             "PORT": str(cfg.backend.http_port),
             "UDP_SERVER_PORT": str(cfg.backend.udp_port),
             "DB_DIALECT": "postgres",
-            "DB_HOST": net.host_addr,
-            "DB_PORT": str(cfg.database.pgbouncer_port),
+            "DB_HOST": db_host,
+            "DB_PORT": str(db_port),
             "DB_USER": cfg.database.user,
             "DB_NAME": cfg.database.name,
-            "AIPBX_COLOR": str(color),
             "AIPBX_RELEASE": release.name,
         }
     )
+    if files is not None and files.setup.get("DB_PASS"):
+        env["DB_PASS"] = files.setup["DB_PASS"]
+    if color is not None:
+        env["AIPBX_COLOR"] = str(color)
     if cfg.site.public_ip:
         env["EXTERNAL_HOST"] = f"{cfg.site.public_ip}:{cfg.backend.udp_port}"
+    if not {"NO_COLOR", "FORCE_COLOR"} & env.keys():
+        # The journal is not a terminal: no ANSI colour codes (Nest's logger honours
+        # NO_COLOR), unless the operator or the release asked for something else.
+        env["NO_COLOR"] = "1"
     if m.runtime:
         env["PATH"] = f"{release / m.runtime}:{env.get('PATH', '/usr/bin:/bin')}"
     return env
@@ -57,7 +80,7 @@ def main(argv: Sequence[str]) -> int:
         m = load_manifest(release / MANIFEST_NAME)
         if not m.command:
             raise AipbxError(f"{release.name}: a {m.kind} release has no command to run")
-        env = backend_env(cfg, color, m, release, os.environ)
+        env = backend_env(cfg, color, m, release, os.environ, appenv.load(paths))
     except (AipbxError, ValueError, OSError) as e:
         print(f"aipbx-backend-launch: {getattr(e, 'message', e)}", file=sys.stderr)
         return 1

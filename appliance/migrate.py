@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance import backup, pgtools, secrets
-from appliance.colors import Color
+from appliance import appenv, backup, pgtools
 from appliance.config import Config
 from appliance.errors import AipbxError, CommandError
 from appliance.launcher import backend_env
@@ -62,18 +61,21 @@ def backup_before(paths: Paths, cfg: Config, rel: Installed) -> Path:
 def migration_env(
     paths: Paths, cfg: Config, rel: Installed, home: Path
 ) -> tuple[dict[str, str], list[str]]:
-    """The migration's whole environment, and the secret values in it (to mask)."""
-    base = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": str(home), "TMPDIR": str(home)}
-    env = backend_env(cfg, Color.BLUE, rel.manifest, rel.path, base)
-    env.pop("AIPBX_COLOR", None)  # it runs on no color
+    """The migration's whole environment, and the secret values in it (to mask): the app's
+    own, from the function the backend's launcher uses (backend.env, the app's part of
+    secrets.env, the release's [env], the appliance's), on a clean base, with no color and
+    DB_HOST/DB_PORT at PostgreSQL itself on loopback (SCRAM), not PgBouncer's pool."""
+    base = {
+        "PATH": BASE_PATH,
+        "LANG": "C.UTF-8",
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "USER": SERVICE_USER,
+        "LOGNAME": SERVICE_USER,
+    }
+    env = backend_env(cfg, None, rel.manifest, rel.path, base, appenv.load(paths))
     env["AIPBX_MIGRATE"] = "1"
-    # PostgreSQL itself, on loopback (SCRAM), not PgBouncer's transaction pool.
-    env["DB_HOST"] = "127.0.0.1"
-    env["DB_PORT"] = str(cfg.database.postgres_port)
-    secret = secrets.load(paths.secrets)
-    env.update(secret)
-    env["USER"] = env["LOGNAME"] = SERVICE_USER
-    return env, [v for v in secret.values() if v]
+    return env, appenv.secret_values(env, rel.manifest.generated_env)
 
 
 def _run(

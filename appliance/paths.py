@@ -28,6 +28,11 @@ class Paths:
         return self.etc / "secrets.env"
 
     @property
+    def backend_env(self) -> Path:
+        # The operator's environment for the app (appliance.appenv), 0640 root:_aipbx.
+        return self.etc / "backend.env"
+
+    @property
     def tls_dir(self) -> Path:
         return self.etc / "tls"
 

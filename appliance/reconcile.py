@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from appliance import nft, state
+from appliance import drain, nft, state
+from appliance.colors import Color
 from appliance.config import Config
 from appliance.paths import Paths
 from appliance.services import Services
@@ -20,9 +21,10 @@ def network(paths: Paths, cfg: Config, *, host: Sequence[str] = ()) -> list[str]
     return [f"nft table: live color {st.live_color or 'none'}"]
 
 
-def units(paths: Paths, services: Services) -> list[str]:
+def units(paths: Paths, services: Services, cfg: Config) -> list[str]:
     """The live color's backend runs and is enabled (so boot brings it up); a color that is
-    neither live nor draining is stopped and disabled."""
+    neither live nor draining is stopped and disabled, and the UDP flows that still led to
+    it are forgotten (their next packet goes to the live color)."""
     st = state.load(paths.state)
     changes = []
     if st.draining and (time.time() >= st.draining.deadline or st.draining.color == st.live_color):
@@ -52,6 +54,8 @@ def units(paths: Paths, services: Services) -> list[str]:
             if s.active in ("active", "activating", "failed"):
                 services.stop(unit)
                 changes.append(f"stopped {unit}")
+                if n := drain.forget_udp_flows(cfg, Color(color)):
+                    changes.append(f"{n} UDP flow(s) that led to {color} go to the live color")
             if s.enabled == "enabled":
                 services.disable(unit)
                 changes.append(f"disabled {unit}")

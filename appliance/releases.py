@@ -4,30 +4,26 @@ that no color runs."""
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import validate
+from appliance import shared, validate
 from appliance.config import Config
 from appliance.errors import UsageError
-from appliance.fsutil import atomic_symlink
 from appliance.paths import Paths
 from appliance.release.checksum import verify
 from appliance.release.manifest import (
     MANIFEST_NAME,
-    Kind,
     Manifest,
     load_manifest,
     parse_manifest,
 )
 from appliance.release.unpack import unpack
 
-SERVICE_USER = "_aipbx"
+SERVICE_USER = shared.SERVICE_USER
 
 
 @dataclass(frozen=True)
@@ -55,39 +51,10 @@ def peek_manifest(artifact: Path) -> Manifest:
         raise UsageError(f"{artifact}: not a readable .tar.gz ({e})") from None
 
 
-def _owner() -> tuple[int, int]:
-    try:
-        return pwd.getpwnam(SERVICE_USER).pw_uid, grp.getgrnam(SERVICE_USER).gr_gid
-    except KeyError:
-        return -1, -1
-
-
 def link_shared(paths: Paths, release: Path, m: Manifest) -> None:
-    """Persistent dirs the app writes live under /var/lib/aipbx/shared/<name>/<dir> and are
-    linked into the release (Capistrano's linked dirs). What a build ships in such a dir
-    seeds the shared one once, never overwriting what the app wrote."""
-    if m.kind is Kind.FRONTEND:
-        return  # an SPA build's assets belong to the release; nothing writes into it
-    uid, gid = _owner()
-    for rel in m.shared_dirs:
-        target = paths.shared / m.name / rel
-        if not target.exists():
-            target.mkdir(parents=True, mode=0o750)
-            if uid != -1:
-                os.chown(target, uid, gid)
-        inside = release / rel
-        if inside.is_symlink():
-            continue
-        if inside.is_dir():
-            for item in inside.iterdir():
-                dest = target / item.name
-                if not dest.exists():
-                    shutil.copytree(item, dest, symlinks=True) if item.is_dir() else shutil.copy2(
-                        item, dest
-                    )
-            shutil.rmtree(inside)
-        inside.parent.mkdir(parents=True, exist_ok=True)
-        atomic_symlink(target, inside)
+    """Link the release's shared dirs to /var/lib/aipbx/shared/<name>/<dir>; what it ships
+    in them is kept aside and put there each time it starts (appliance.shared)."""
+    shared.link(paths, release, m)
 
 
 def install(paths: Paths, cfg: Config, artifact: Path, *, key: Path | None = None) -> Installed:
@@ -144,19 +111,28 @@ def find(paths: Paths, version_or_dir: str, *, prefer_name: str | None = None) -
     return matches[0]
 
 
-def to_remove(all_releases: list[Installed], keep: int, in_use: set[str]) -> list[Installed]:
-    """Pure: beyond the newest `keep` of each kind, those no color or frontend uses."""
+def to_remove(
+    all_releases: list[Installed],
+    keep: int,
+    in_use: set[str],
+    failed: frozenset[str] = frozenset(),
+) -> list[Installed]:
+    """Pure: beyond the `keep` to keep of each kind, those no color or frontend uses. The
+    ones kept are the newest that did not fail, then (if room is left) the newest failed
+    ones: a release whose rollout failed goes before any that went live."""
     out: list[Installed] = []
     for kind in {r.manifest.kind for r in all_releases}:
         mine = [r for r in all_releases if r.manifest.kind == kind]
-        mine.sort(key=lambda r: r.mtime, reverse=True)
+        mine.sort(key=lambda r: (r.dirname not in failed, r.mtime), reverse=True)
         out += [r for r in mine[keep:] if r.dirname not in in_use]
     return out
 
 
-def gc(paths: Paths, keep: int, in_use: set[str]) -> list[str]:
+def gc(
+    paths: Paths, keep: int, in_use: set[str], failed: frozenset[str] = frozenset()
+) -> list[str]:
     removed = []
-    for r in to_remove(installed(paths), keep, in_use):
+    for r in to_remove(installed(paths), keep, in_use, failed):
         # Rename first: a half-removed tree never looks like a release.
         doomed = paths.releases / f".remove-{r.dirname}"
         os.rename(r.path, doomed)

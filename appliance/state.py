@@ -32,12 +32,26 @@ class State:
     frontend: str = ""  # the live frontend release dir name
     upgrading: str = ""  # release being rolled out, "" when none (a crash leaves it set)
     setup_version: str = ""
+    # releases whose last rollout did not make them live (refused, migration, health,
+    # probation or an interrupted upgrade): the first that `gc` removes
+    failed: frozenset[str] = frozenset()
 
     def live_release(self) -> str | None:
         return self.colors.get(str(self.live_color)) if self.live_color else None
 
     def with_(self, **changes: Any) -> State:
         return replace(self, **changes)
+
+    def with_failed(self, dirname: str) -> State:
+        """`dirname` did not go live; a release that is live (on another color) has not
+        failed, whatever happened to this attempt."""
+        if dirname in (self.live_release(), self.frontend):
+            return self
+        return replace(self, failed=self.failed | {dirname})
+
+    def without_failed(self, *dirnames: str) -> State:
+        """Live now (or removed): no longer failed."""
+        return replace(self, failed=self.failed - set(dirnames))
 
     def to_json(self) -> str:
         d: dict[str, Any] = asdict(self)
@@ -47,6 +61,7 @@ class State:
         if self.draining:
             d["draining"] = {"color": str(self.draining.color), "deadline": self.draining.deadline}
         d["history"] = list(self.history)
+        d["failed"] = sorted(self.failed)
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @staticmethod
@@ -66,6 +81,7 @@ class State:
             frontend=str(d.get("frontend") or ""),
             upgrading=str(d.get("upgrading") or ""),
             setup_version=str(d.get("setup_version", "")),
+            failed=frozenset(str(f) for f in d.get("failed") or ()),  # absent in older files
         )
 
 

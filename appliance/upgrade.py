@@ -3,6 +3,9 @@ machine, one at a time (the mutation lock), every step logged with its elapsed t
 
 verify -> unpack -> backup (when it migrates) -> migrate -> start the idle color -> wait
 healthy -> switch -> probation (a failure switches back) -> drain -> stop the old color -> gc.
+A release whose required variables are missing from backend.env is refused before it is
+unpacked; the variables it has the appliance generate are written before it migrates
+(appliance.appenv). `restart` runs the same path for the live release.
 A failure before the switch leaves the live color untouched; state.json is written at each
 step that changes what is live, so a power cut mid-way is healed at boot."""
 
@@ -16,8 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from appliance import appenv, health, releases, shared, state, switch
 from appliance import drain as drain_mod
-from appliance import health, releases, state, switch
 from appliance.colors import Color, color_net
 from appliance.config import Config
 from appliance.errors import AipbxError, UsageError
@@ -34,6 +37,8 @@ class Step(StrEnum):
     UNPACK = "unpack"
     BACKUP = "backup"
     MIGRATE = "migrate"
+    SHARED = "shared"
+    ENV = "env"
     START = "start"
     HEALTH = "health"
     SWITCH = "switch"
@@ -82,6 +87,13 @@ def unit(color: Color) -> str:
     return f"aipbx-backend@{color}.service"
 
 
+def forget_flows(cfg: Config, color: Color) -> str:
+    """After `color` has stopped: the UDP flows conntrack still sends to it go to the live
+    color from their next packet. A note for the timeline ("" when there were none)."""
+    n = drain_mod.forget_udp_flows(cfg, color)
+    return f"; {n} UDP flow(s) that led to it now go to the live color" if n else ""
+
+
 @dataclass
 class Ctx:
     paths: Paths
@@ -113,13 +125,45 @@ def _free_idle_color(ctx: Ctx, st: state.State) -> Color:
                 hint="wait for them to end (`aipbxctl status`), or roll back to it",
             )
         ctx.services.stop(unit(idle))
-        ctx.tl.step(Step.STOP_OLD, f"stopped {idle}: it was drained")
+        forgot = forget_flows(ctx.cfg, idle)
+        ctx.tl.step(Step.STOP_OLD, f"stopped {idle}: it was drained{forgot}")
     if st.draining and st.draining.color == idle:
         ctx.save(st.with_(draining=None))
     return idle
 
 
+def _ship(ctx: Ctx, rel: releases.Installed) -> None:
+    """The files `rel` ships in its shared dirs go there, as the app's, before it starts or
+    goes live again (appliance.shared; a shared dir that is a symlink is refused)."""
+    report = shared.ship(ctx.paths, rel.path, rel.manifest)
+    if rel.manifest.kind is Kind.BACKEND and rel.manifest.shared_dirs:
+        dirs = ", ".join(rel.manifest.shared_dirs)
+        ctx.tl.step(Step.SHARED, f"{dirs} of {rel.dirname}: {report.summary()}")
+
+
+def _ship_or_log(ctx: Ctx, rel: releases.Installed) -> None:
+    """_ship where a failure must not stop what goes on (a rollback, a refusal): logged."""
+    try:
+        _ship(ctx, rel)
+    except AipbxError as e:
+        log.error("could not put the files %s ships in its shared dirs: %s", rel.dirname, e)
+        ctx.tl.step(Step.SHARED, f"FAILED to put {rel.dirname}'s shipped files: {e.message}")
+
+
+def _reship_live(ctx: Ctx) -> None:
+    """After a release was refused: the live release's shipped files go back where the
+    refused one's replaced them."""
+    live = ctx.load().live_release()
+    try:
+        rel = releases.get(ctx.paths, live) if live else None
+    except AipbxError:
+        rel = None  # not installed any more: nothing to put back
+    if rel is not None:
+        _ship_or_log(ctx, rel)
+
+
 def _start_and_gate(ctx: Ctx, color: Color, rel: releases.Installed, opts: Options) -> None:
+    _ship(ctx, rel)
     atomic_symlink(Path("..") / "releases" / rel.dirname, ctx.paths.colors / str(color))
     st = ctx.load()
     ctx.save(st.with_(colors={**st.colors, str(color): rel.dirname}, upgrading=rel.dirname))
@@ -141,9 +185,11 @@ def _start_and_gate(ctx: Ctx, color: Color, rel: releases.Installed, opts: Optio
     if not ok:
         ctx.services.stop(unit(color))
         ctx.services.reset_failed(unit(color))  # refused, not an outage: no failed unit
+        forgot = forget_flows(ctx.cfg, color)
         st = ctx.load()
-        ctx.save(st.with_(upgrading=""))
-        ctx.tl.step(Step.HEALTH, f"FAILED: {detail}; {color} stopped, nothing switched")
+        ctx.save(st.with_(upgrading="").with_failed(rel.dirname))
+        ctx.tl.step(Step.HEALTH, f"FAILED: {detail}; {color} stopped, nothing switched{forgot}")
+        _reship_live(ctx)
         raise UpgradeFailed(
             f"{rel.dirname} never became healthy on {color}: {detail}",
             hint="the live color is untouched; `aipbxctl logs backend` shows why",
@@ -155,7 +201,8 @@ def _switch_to(ctx: Ctx, color: Color | None, *, why: str) -> float:
     prepared = switch.prepare(ctx.cfg, color)
     st = ctx.load()
     ms = switch.execute(prepared)
-    ctx.save(st.with_(live_color=color, previous_color=st.live_color))
+    st = st.with_(live_color=color, previous_color=st.live_color)
+    ctx.save(st.without_failed(st.live_release() or ""))  # live now: it has not failed
     ctx.tl.step(Step.SWITCH, f"{why}: live color is now {color} ({ms:.1f} ms)")
     return ms
 
@@ -216,8 +263,9 @@ def drain_and_stop(ctx: Ctx, color: Color, drain_s: float) -> str:
             return "rolled-back"
         ctx.services.stop(unit(color))
         ctx.services.disable(unit(color))
+        forgot = forget_flows(ctx.cfg, color)
         ctx.save(st.with_(draining=None, upgrading=""))
-        ctx.tl.step(Step.STOP_OLD, f"{color} stopped")
+        ctx.tl.step(Step.STOP_OLD, f"{color} stopped{forgot}")
         _gc(ctx)
     return "stopped"
 
@@ -225,15 +273,38 @@ def drain_and_stop(ctx: Ctx, color: Color, drain_s: float) -> str:
 def _gc(ctx: Ctx) -> None:
     st = ctx.load()
     in_use = set(st.colors.values()) | ({st.frontend} if st.frontend else set())
-    removed = releases.gc(ctx.paths, ctx.cfg.releases.keep, in_use)
+    # A release whose rollout failed goes first (state.failed).
+    removed = releases.gc(ctx.paths, ctx.cfg.releases.keep, in_use, st.failed)
+    if removed:
+        ctx.save(ctx.load().without_failed(*removed))
     ctx.tl.step(Step.GC, f"removed {', '.join(removed)}" if removed else "nothing to remove")
 
 
 # --- the verbs -----------------------------------------------------------------------
 
 
+def _prepare_env(ctx: Ctx, rel: releases.Installed) -> None:
+    """Before `rel` migrates or starts: its required variables are checked (a missing one
+    refuses it, nothing started), then the variables it has the appliance generate are
+    written into backend.env once (names in the timeline, never values)."""
+    m = rel.manifest
+    if m.kind is not Kind.BACKEND or not (m.required_env or m.generated_env):
+        return
+    try:
+        appenv.check_required(ctx.paths, m, rel.dirname)
+    except UsageError:
+        ctx.tl.step(Step.ENV, f"refused {rel.dirname}: required variables are missing")
+        raise
+    generated, adopted = appenv.generate_missing(ctx.paths, m)
+    done = [f"generated {', '.join(generated)}"] if generated else []
+    done += [f"took {', '.join(adopted)} over from secrets.env"] if adopted else []
+    if done:
+        ctx.tl.step(Step.ENV, f"{'; '.join(done)} into {ctx.paths.backend_env}")
+
+
 def deploy(ctx: Ctx, rel: releases.Installed, opts: Options) -> dict[str, Any]:
     """Roll an installed backend release out to the idle color and switch to it."""
+    _prepare_env(ctx, rel)
     st = ctx.load()
     old = st.live_color
     idle = _free_idle_color(ctx, st)
@@ -251,8 +322,11 @@ def deploy(ctx: Ctx, rel: releases.Installed, opts: Options) -> dict[str, Any]:
         ctx.services.stop(unit(idle))
         ctx.services.reset_failed(unit(idle))
         ctx.services.disable(unit(idle))
+        if forgot := forget_flows(ctx.cfg, idle):
+            ctx.tl.step(Step.STOP_OLD, f"{idle} stopped{forgot}")
         st = ctx.load()
-        ctx.save(st.with_(upgrading="", previous_color=None))
+        ctx.save(st.with_(upgrading="", previous_color=None).with_failed(rel.dirname))
+        _reship_live(ctx)
         log.critical(
             "upgrade to %s failed in probation: %s; switched back to %s",
             rel.dirname,
@@ -293,24 +367,85 @@ def deploy_frontend(ctx: Ctx, rel: releases.Installed) -> dict[str, Any]:
     return ctx.tl.figures
 
 
+def _migrate(ctx: Ctx, rel: releases.Installed) -> None:
+    """The release's SQL files ([migrations] sql_dir), then its migrate command. A changed
+    SQL file is refused before anything runs; the pre-upgrade backup is taken when
+    something will run. A failing SQL file is rolled back and the ones before it stay
+    applied (appliance.sqlmigrations); a failing command is undone as DESIGN decision 7
+    says (appliance.migrate), which, when it restores the backup, undoes this run's SQL
+    files too (the backup predates them, and so do its records)."""
+    from appliance import migrate, sqlmigrations
+
+    sql = None
+    if rel.manifest.migrations:
+        sql = sqlmigrations.prepare(ctx.paths, ctx.cfg, rel)
+    backup = None
+    if rel.manifest.migrate or (sql is not None and sql.plan.run):
+        backup = migrate.backup_before(ctx.paths, ctx.cfg, rel)
+        ctx.tl.figures["pre_upgrade_backup"] = str(backup)
+        ctx.tl.step(Step.BACKUP, f"pre-upgrade backup {backup}")
+    if sql is not None:
+        try:
+            ctx.tl.step(Step.MIGRATE, sqlmigrations.execute(sql, ctx.tl.figures))
+        except sqlmigrations.SqlMigrationFailed as e:
+            ctx.tl.step(Step.MIGRATE, f"FAILED: {e.file}: {e.error}; nothing switched")
+            raise
+    if rel.manifest.migrate:
+        assert backup is not None
+        sql_done = ctx.tl.figures.get("sql_migrations", {}).get("applied") or []
+        try:
+            # On a failure it says (and sets figures["database"]) what became of the database.
+            done = migrate.run_migration(ctx.paths, ctx.cfg, rel, backup, ctx.tl.figures)
+        except migrate.MigrationFailed as e:
+            if sql_done and e.database == "restored":
+                e.message += (
+                    f"; the restore also undid the {len(sql_done)} SQL file(s) applied before "
+                    "the command (the backup predates them and their records)"
+                )
+            raise
+        ctx.tl.step(Step.MIGRATE, done)
+
+
 def upgrade(ctx: Ctx, artifact: Path, opts: Options) -> dict[str, Any]:
     from appliance.release.checksum import verify
 
     digest = verify(artifact)
     ctx.tl.step(Step.VERIFY, f"sha256 {digest[:16]}… ok")
+    m = releases.peek_manifest(artifact)
+    if m.kind is Kind.BACKEND and m.required_env:  # refused before it is even unpacked
+        try:
+            appenv.check_required(ctx.paths, m, m.release_dirname)
+        except UsageError:
+            ctx.tl.step(Step.ENV, f"refused {m.release_dirname}: required variables are missing")
+            raise
     rel = releases.install(ctx.paths, ctx.cfg, artifact)
     ctx.tl.step(Step.UNPACK, f"{rel.dirname} in {rel.path}")
     if rel.manifest.kind is Kind.FRONTEND:
         return deploy_frontend(ctx, rel)
-    if rel.manifest.migrate:
-        from appliance import migrate
+    # Failed until it goes live (the switch clears it): whatever stops it before then (a
+    # refusal, its migration, its health, a crash) leaves it first in line for gc.
+    ctx.save(ctx.load().with_failed(rel.dirname))
+    _prepare_env(ctx, rel)  # generated secrets exist before the migration runs
+    if rel.manifest.migrate or rel.manifest.migrations:
+        _migrate(ctx, rel)
+    return deploy(ctx, rel, opts)
 
-        backup = migrate.backup_before(ctx.paths, ctx.cfg, rel)
-        ctx.tl.figures["pre_upgrade_backup"] = str(backup)
-        ctx.tl.step(Step.BACKUP, f"pre-upgrade backup {backup}")
-        # On a failure it says (and sets figures["database"]) what became of the database.
-        done = migrate.run_migration(ctx.paths, ctx.cfg, rel, backup, ctx.tl.figures)
-        ctx.tl.step(Step.MIGRATE, done)
+
+def restart(ctx: Ctx, opts: Options) -> dict[str, Any]:
+    """A blue/green restart of the live release, e.g. with a new environment: the same
+    path as an upgrade (idle color, health gate, switch, probation, drain), no migration."""
+    st = ctx.load()
+    live = st.live_release()
+    if st.live_color is None or not live:
+        raise UsageError(
+            "nothing is live: there is nothing to restart",
+            hint="`aipbxctl upgrade ARTIFACT` deploys a release",
+        )
+    rel = releases.get(ctx.paths, live)
+    ctx.tl.step(
+        Step.START,
+        f"restarting {rel.dirname} on {st.live_color.other} with the current environment",
+    )
     return deploy(ctx, rel, opts)
 
 
@@ -341,6 +476,7 @@ def rollback(ctx: Ctx, to: str | None, opts: Options) -> dict[str, Any]:
         and st.colors.get(str(prev)) == target.dirname
         and ctx.services.is_active(unit(prev))
     ):
+        _ship_or_log(ctx, target)  # the release being left replaced them
         ctx.services.enable(unit(prev))
         ms = _switch_to(ctx, prev, why="rollback (instant, the previous color was up)")
         st = ctx.load()

@@ -7,8 +7,9 @@ import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from appliance import acme, cert, nginx, state, tls_store
+from appliance import acme, appenv, cert, envfile, nginx, releases, state, tls_store
 from appliance import config as config_mod
 from appliance.actions.status import CORE_UNITS
 from appliance.errors import AipbxError
@@ -192,6 +193,91 @@ def check_renewal(paths: Paths, services: Services) -> list[Finding]:
     return []
 
 
+def _env_file_findings(path: Path, text: str) -> list[Finding]:
+    out = []
+    parsed = envfile.parse(text)
+    for e in parsed.invalid():
+        out.append(
+            Finding(
+                "backend.env",
+                "warning",
+                f"{path}:{e.line}: {e.key!r} is not a variable name: the backend ignores it",
+                "KEY=VALUE with a name of letters, digits and '_'",
+            )
+        )
+    owned = sorted({e.key for e in parsed.entries if appenv.is_owned(e.key)})
+    if owned:
+        out.append(
+            Finding(
+                "backend.env",
+                "warning",
+                f"{path} sets {', '.join(owned)}, which the appliance sets: ignored",
+                f"`aipbxctl env unset {' '.join(owned)}`; {appenv.OWNED[owned[0]]}",
+            )
+        )
+    for c in parsed.comments:
+        if c.text.endswith("\\"):
+            out.append(
+                Finding(
+                    "backend.env",
+                    "warning",
+                    f"{path}:{c.line}: a comment ending in '\\' makes systemd 252 read the "
+                    "next line as a comment too",
+                    "remove the trailing backslash",
+                )
+            )
+    return out
+
+
+def check_app_env(paths: Paths, services: Services) -> list[Finding]:
+    """backend.env: there, 0640 root:_aipbx, readable; and every variable the live release
+    (and a release a color is starting) requires is set."""
+    path = paths.backend_env
+    problem = appenv.ownership_problem(path)
+    out = []
+    if problem:
+        exposed = path.exists() and path.lstat().st_mode & 0o007
+        out.append(
+            Finding(
+                "backend.env",
+                "error" if exposed else "warning",
+                f"{problem}: the app's environment (`aipbxctl env`)",
+                "`aipbxctl setup` creates it or puts its mode and owner right",
+            )
+        )
+    try:
+        text = appenv.read_text(path)
+        files = appenv.files_from(text, appenv.read_text(paths.secrets))
+    except AipbxError as e:
+        return [*out, Finding("backend.env", "error", e.message, e.hint or "")]
+    out += _env_file_findings(path, text)
+    try:
+        st = state.load(paths.state)
+    except AipbxError:
+        return out
+    wanted = {r: "live" for r in [st.live_release()] if r}
+    if st.upgrading and st.upgrading not in wanted:
+        wanted[st.upgrading] = "starting"
+    for dirname, role in wanted.items():
+        try:
+            m = releases.get(paths, dirname).manifest
+        except AipbxError:
+            continue
+        missing = appenv.missing_required(files, m)
+        if missing:
+            example = " ".join(f"{k}=..." for k in missing)
+            out.append(
+                Finding(
+                    "backend.env",
+                    "error",
+                    f"the {role} release {dirname} requires {', '.join(missing)}, missing or "
+                    f"empty in {path}",
+                    f"`aipbxctl env set {example}`",
+                )
+            )
+    return out
+
+
 CHECKS: tuple[Check, ...] = (
     check_config,
     check_setup,
@@ -199,6 +285,7 @@ CHECKS: tuple[Check, ...] = (
     check_nginx,
     check_disk,
     check_certificate,
+    check_app_env,
 )
 
 

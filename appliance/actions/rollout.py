@@ -1,5 +1,5 @@
-"""`aipbxctl upgrade`, `rollback`, `release pack`, `releases`, `reconcile`: orchestration
-only; the state machine is appliance.upgrade."""
+"""`aipbxctl upgrade`, `rollback`, `restart`, `release pack`, `releases`, `reconcile`:
+orchestration only; the state machine is appliance.upgrade."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def options(cfg: config_mod.Config, a: dict[str, Any]) -> upgrade.Options:
     )
 
 
-def _confirm(what: str, yes: bool) -> None:
+def confirm(what: str, yes: bool) -> None:
+    """Asks on a terminal unless --yes; a script (no terminal) is not asked."""
     if yes or not sys.stdin.isatty():
         return
     if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
@@ -48,8 +49,11 @@ def run_rollout(paths: Paths, services: Services, a: dict[str, Any], verb: str) 
     out = (lambda _s: None) if a["json"] else (lambda s: print(s, flush=True))
     tl = upgrade.Timeline(out=out)
     ctx = upgrade.Ctx(paths, cfg, services, tl)
-    target = a.get("artifact") or a.get("to") or "previous"
     before = state.load(paths.state).live_release()
+    if verb == "restart":
+        target = before or "the live release"
+    else:
+        target = a.get("artifact") or a.get("to") or "previous"
     # --restore-db never happens silently: the backup is found and checked, and the
     # operator confirms, before anything changes.
     restore_file = None
@@ -60,12 +64,16 @@ def run_rollout(paths: Paths, services: Services, a: dict[str, Any], verb: str) 
             "(every write since that backup is lost)",
             a["yes"],
         )
+    elif verb == "restart":
+        confirm(f"restart {target} (blue/green, with the current environment)", a["yes"])
     else:
-        _confirm(f"{verb} to {target}", a["yes"])
+        confirm(f"{verb} to {target}", a["yes"])
     with locked(paths.lock, "upgrade or rollback"):
         try:
             if verb == "upgrade":
                 figures = upgrade.upgrade(ctx, Path(a["artifact"]), opts)
+            elif verb == "restart":
+                figures = upgrade.restart(ctx, opts)
             elif restore_file is not None:
                 figures = db_cmd.rollback_restoring(
                     paths,
@@ -109,6 +117,11 @@ def release_pack(a: dict[str, Any]) -> Path:
         command=shlex.split(a["release_cmd"]) if a["release_cmd"] else None,
         migrate=shlex.split(a["migrate"]) if a["migrate"] else None,
         runtime=a["runtime"],
+        sql_migrations=a["sql_migrations"],
+        sql_baseline=a["sql_baseline"],
+        shared_dirs=a["shared_dirs"],
+        required_env=a["required_env"],
+        generated_env=a["generated_env"],
     )
 
 
@@ -127,6 +140,8 @@ def list_releases(paths: Paths) -> dict[str, Any]:
                 "kind": str(r.manifest.kind),
                 "colors": sorted(by_release.get(r.dirname, [])),
                 "live": r.dirname == st.live_release() or r.dirname == st.frontend,
+                # its last rollout did not make it live: the first that gc removes
+                "failed": r.dirname in st.failed and r.dirname != st.upgrading,
             }
         )
     return {"live_color": str(st.live_color) if st.live_color else None, "releases": rows}
@@ -137,7 +152,7 @@ def format_releases(data: dict[str, Any]) -> str:
     for r in data["releases"]:
         lines.append(
             f"{r['release']:40} {r['kind']:9} {','.join(r['colors']) or '-':12} "
-            f"{'yes' if r['live'] else ''}"
+            f"{'yes' if r['live'] else 'failed' if r.get('failed') else ''}"
         )
     return "\n".join(lines) if data["releases"] else "no releases installed"
 
@@ -145,4 +160,4 @@ def format_releases(data: dict[str, Any]) -> str:
 def run_reconcile(paths: Paths, services: Services) -> list[str]:
     cfg = config_mod.load(paths.config)
     with locked(paths.lock, "change"):
-        return reconcile.network(paths, cfg) + reconcile.units(paths, services)
+        return reconcile.network(paths, cfg) + reconcile.units(paths, services, cfg)

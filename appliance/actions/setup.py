@@ -7,6 +7,7 @@ import pwd
 from dataclasses import dataclass, field
 
 from appliance import (
+    appenv,
     backup_units,
     cert,
     conffile,
@@ -15,6 +16,7 @@ from appliance import (
     nginx,
     pgbouncer,
     secrets,
+    shared,
     state,
     tls_store,
 )
@@ -176,6 +178,11 @@ def install_defaults(paths: Paths, services: Services) -> Report:
     with locked(paths.lock, "change"):
         report.add(ensure_selfsigned(cfg, paths))
         report.add(ensure_nginx(cfg, paths, services))
+        # The app's environment: created once, never overwritten (not a conffile: an
+        # upgrade of the package keeps it; purge removes /etc/aipbx).
+        report.add(appenv.ensure_file(paths.backend_env))
+        # The running releases' shared dirs are the app's (an older appliance seeded as root).
+        report.add(shared.repair_in_use(paths))
     return report
 
 
@@ -199,6 +206,7 @@ def setup(
         values, changed = secrets.ensure(paths.secrets)
         if changed:
             report.add(f"wrote secrets to {paths.secrets} (0640 root:_aipbx)")
+        report.add(appenv.ensure_file(paths.backend_env))
         if not services.is_active("postgresql.service"):
             services.start("postgresql.service")
             report.add("started PostgreSQL")
@@ -209,5 +217,6 @@ def setup(
         report.add(ensure_backend_limits(cfg, paths, services))
         report.add(ensure_nginx(cfg, paths, services))
         report.add(ensure_state(paths, version))
+        report.add(shared.repair_in_use(paths))
     audit("setup", "ok" if report.changes else "unchanged", changes=len(report.changes))
     return report

@@ -13,6 +13,7 @@ from typing import Any
 
 import tomli_w
 
+from appliance import appenv
 from appliance.errors import UsageError
 
 MANIFEST_NAME = "aipbx-release.toml"
@@ -36,6 +37,21 @@ class Health:
     timeout_s: int = 120
 
 
+# [migrations] baseline: when the database has no tables yet (a first deploy, the app
+# creates its schema itself), "empty-database" records every file without running it;
+# "never" runs them (an app whose SQL files are its schema).
+SQL_BASELINES = ("empty-database", "never")
+MIGRATIONS_KEYS = ("sql_dir", "baseline")
+
+
+@dataclass(frozen=True)
+class SqlMigrations:
+    """[migrations]: the release's SQL files (appliance.sqlmigrations runs them)."""
+
+    sql_dir: str  # relative to the release top; its *.sql files, in name order
+    baseline: str = SQL_BASELINES[0]
+
+
 @dataclass(frozen=True)
 class Manifest:
     name: str
@@ -46,11 +62,18 @@ class Manifest:
     health: Health = field(default_factory=Health)
     # argv run from the release dir before the new color starts; empty: no migration
     migrate: tuple[str, ...] = ()
-    # persistent dirs under /var/lib/aipbx/shared/<name>/, linked into each release
+    # dirs the app writes, under /var/lib/aipbx/shared/<name>/ and linked into each release
+    # (appliance.shared); this default is for manifests that predate `--shared-dir`
     shared_dirs: tuple[str, ...] = ("static", "public")
     # dir inside the release put first on PATH (a release may carry its own `node`)
     runtime: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    # [migrations] sql_dir: SQL files run before the migrate command; None: none
+    migrations: SqlMigrations | None = None
+    # variables the release needs in /etc/aipbx/backend.env (the upgrade refuses it while
+    # one is missing or empty), and those the appliance generates once as secrets
+    required_env: tuple[str, ...] = ()
+    generated_env: tuple[str, ...] = ()
 
     @property
     def release_dirname(self) -> str:
@@ -61,7 +84,19 @@ class Manifest:
         return f"{self.release_dirname}.tar.gz"
 
 
-TOP_KEYS = ("name", "version", "kind", "command", "health", "migrate", "shared_dirs", "runtime")
+TOP_KEYS = (
+    "name",
+    "version",
+    "kind",
+    "command",
+    "health",
+    "migrate",
+    "migrations",
+    "shared_dirs",
+    "runtime",
+    "required_env",
+    "generated_env",
+)
 HEALTH_KEYS = ("http_path", "ws_path", "timeout_s")
 
 
@@ -150,6 +185,92 @@ def _env(value: Any, source: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def shared_dirs(value: Any, source: str = MANIFEST_NAME) -> tuple[str, ...]:
+    """shared_dirs: relative dirs inside the release, each once, none inside another, none
+    the manifest or a name the appliance keeps (`.aipbx-…`: appliance.shared)."""
+    hint = 'e.g. ["static", "tts_voices"]: the dirs the app writes at run time'
+    if not isinstance(value, list):
+        raise _fail(source, "shared_dirs", "must be an array of paths", hint)
+    dirs = tuple(relative_path(d, "shared_dirs", source) for d in value)
+    if len(set(dirs)) != len(dirs):
+        raise _fail(source, "shared_dirs", "lists a directory twice", "list each once")
+    for d in dirs:
+        top = d.split("/")[0]
+        if top == MANIFEST_NAME or top.startswith(".aipbx-"):
+            raise _fail(source, "shared_dirs", f"{d!r} is the appliance's name", "pick another")
+        inner = next((o for o in dirs if o.startswith(f"{d}/")), None)
+        if inner is not None:
+            raise _fail(
+                source,
+                "shared_dirs",
+                f"{inner!r} is inside {d!r}",
+                "list the outer one only: everything in it is shared",
+            )
+    return dirs
+
+
+def _migrations(value: Any, shared: tuple[str, ...], source: str) -> SqlMigrations:
+    if not isinstance(value, dict):
+        raise _fail(source, "migrations", "must be a table", '[migrations] sql_dir = "dir"')
+    unknown = sorted(set(value) - set(MIGRATIONS_KEYS))
+    if unknown:
+        raise _fail(source, f"migrations.{unknown[0]}", "unknown key", f"known: {MIGRATIONS_KEYS}")
+    if "sql_dir" not in value:
+        raise _fail(source, "migrations.sql_dir", "is missing", 'e.g. "migrations/postgres"')
+    sql_dir = relative_path(value["sql_dir"], "migrations.sql_dir", source)
+    if sql_dir == MANIFEST_NAME:
+        raise _fail(source, "migrations.sql_dir", "is the manifest", "name a directory")
+    for d in shared:
+        if sql_dir == d or sql_dir.startswith(f"{d}/") or d.startswith(f"{sql_dir}/"):
+            # A shared dir is the app's data (its user writes it): not the release's SQL.
+            raise _fail(
+                source,
+                "migrations.sql_dir",
+                f"{sql_dir!r} overlaps the shared dir {d!r}",
+                "SQL files belong to the release: keep them out of shared_dirs",
+            )
+    baseline = value.get("baseline", SQL_BASELINES[0])
+    if baseline not in SQL_BASELINES:
+        raise _fail(
+            source, "migrations.baseline", f"{baseline!r} is unknown", " or ".join(SQL_BASELINES)
+        )
+    return SqlMigrations(sql_dir=sql_dir, baseline=baseline)
+
+
+def _env_names(data: Mapping[str, Any], key: str, source: str) -> tuple[str, ...]:
+    """required_env / generated_env: variable names, each once, none the appliance's."""
+    value = data.get(key, [])
+    hint = 'an array of variable names, e.g. ["OPENAI_API_KEY"]'
+    if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        raise _fail(source, key, "must be an array of variable names", hint)
+    for k in value:
+        if not ENV_KEY_RE.fullmatch(k):
+            raise _fail(source, key, f"{k!r} is not a variable name", "letters, digits, '_'")
+        if appenv.is_owned(k):
+            raise _fail(source, key, f"{k} is set by the appliance", appenv.OWNED[k])
+    if len(set(value)) != len(value):
+        raise _fail(source, key, "lists a variable twice", "list each once")
+    return tuple(value)
+
+
+def _app_env(
+    data: Mapping[str, Any], kind: Kind, fixed: tuple[tuple[str, str], ...], source: str
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    required = _env_names(data, "required_env", source)
+    generated = _env_names(data, "generated_env", source)
+    if kind is Kind.FRONTEND and (required or generated):
+        key = "required_env" if required else "generated_env"
+        raise _fail(source, key, "a frontend runs nothing", f"drop {key}")
+    both = next((k for k in required if k in generated), None)
+    if both:
+        raise _fail(source, "generated_env", f"{both} is also required", "list it in one only")
+    in_env = next((k for k, _ in fixed if k in (*required, *generated)), None)
+    if in_env:
+        what = "has a fixed value and is listed in required_env or generated_env"
+        raise _fail(source, f"env.{in_env}", what, "drop one")
+    return required, generated
+
+
 def manifest_from_dict(data: Mapping[str, Any], source: str = MANIFEST_NAME) -> Manifest:
     unknown = sorted(set(data) - {*TOP_KEYS, "env"})
     if unknown:
@@ -174,15 +295,15 @@ def manifest_from_dict(data: Mapping[str, Any], source: str = MANIFEST_NAME) -> 
     if kind is Kind.FRONTEND and (command or migrate):
         key = "command" if command else "migrate"
         raise _fail(source, key, "a frontend is served by nginx and runs nothing", f"drop {key}")
-    shared_raw = data.get("shared_dirs", list(Manifest.shared_dirs))
-    if not isinstance(shared_raw, list):
-        raise _fail(source, "shared_dirs", "must be an array of paths", '["static", "public"]')
-    shared = tuple(relative_path(d, "shared_dirs", source) for d in shared_raw)
-    if len(set(shared)) != len(shared):
-        raise _fail(source, "shared_dirs", "lists a directory twice", "list each once")
-    if MANIFEST_NAME in shared:
-        raise _fail(source, "shared_dirs", f"cannot hold {MANIFEST_NAME}", "pick another dir")
+    shared = shared_dirs(data.get("shared_dirs", list(Manifest.shared_dirs)), source)
     runtime = data.get("runtime")
+    migrations = None
+    if "migrations" in data:
+        if kind is Kind.FRONTEND:
+            raise _fail(source, "migrations", "a frontend runs nothing", "drop [migrations]")
+        migrations = _migrations(data["migrations"], shared, source)
+    env = _env(data.get("env", {}), source)
+    required_env, generated_env = _app_env(data, kind, env, source)
     return Manifest(
         name=name,
         version=version,
@@ -192,7 +313,10 @@ def manifest_from_dict(data: Mapping[str, Any], source: str = MANIFEST_NAME) -> 
         migrate=migrate,
         shared_dirs=shared,
         runtime=None if runtime is None else relative_path(runtime, "runtime", source),
-        env=_env(data.get("env", {}), source),
+        env=env,
+        migrations=migrations,
+        required_env=required_env,
+        generated_env=generated_env,
     )
 
 
@@ -237,6 +361,12 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
     }
     if m.env:
         out["env"] = dict(m.env)
+    if m.migrations is not None:
+        out["migrations"] = {"sql_dir": m.migrations.sql_dir, "baseline": m.migrations.baseline}
+    if m.required_env:
+        out["required_env"] = list(m.required_env)
+    if m.generated_env:
+        out["generated_env"] = list(m.generated_env)
     return out
 
 

@@ -25,6 +25,7 @@ from appliance.fsutil import atomic_write
 from appliance.release.checksum import checksum_line
 from appliance.release.manifest import (
     MANIFEST_NAME,
+    Kind,
     Manifest,
     link_stays_inside,
     load_manifest,
@@ -68,6 +69,10 @@ def resolve_manifest(
     migrate: Sequence[str] | None = None,
     shared_dirs: Sequence[str] | None = None,
     runtime: str | None = None,
+    sql_migrations: str | None = None,
+    sql_baseline: str | None = None,
+    required_env: Sequence[str] | None = None,
+    generated_env: Sequence[str] | None = None,
 ) -> Manifest:
     """The manifest for src_dir: its own aipbx-release.toml, if any, with the given values
     overriding it; otherwise one made from the given values (name and version required)."""
@@ -91,8 +96,19 @@ def resolve_manifest(
         "migrate": None if migrate is None else list(migrate),
         "shared_dirs": None if shared_dirs is None else list(shared_dirs),
         "runtime": runtime,
+        # --require-env / --generate-env: replace the manifest's lists
+        "required_env": None if required_env is None else list(required_env),
+        "generated_env": None if generated_env is None else list(generated_env),
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if sql_migrations is not None or sql_baseline is not None:
+        # --sql-migrations DIR / --sql-baseline B: [migrations], keeping the manifest's other key
+        mig = dict(data.get("migrations") or {})
+        if sql_migrations is not None:
+            mig["sql_dir"] = sql_migrations
+        if sql_baseline is not None:
+            mig["baseline"] = sql_baseline
+        data["migrations"] = mig
     return manifest_from_dict(data, source)
 
 
@@ -176,6 +192,16 @@ def _write_tar(tar: tarfile.TarFile, src: Path, manifest: Manifest) -> None:
         tar.members.clear()  # type: ignore[attr-defined]
 
 
+def _check_sql_dir(src: Path, sql_dir: str) -> None:
+    """[migrations] sql_dir is a directory of the build (not a link out of it)."""
+    top, where = src.resolve(), (src / sql_dir).resolve()
+    if not where.is_dir() or top not in where.parents:
+        raise UsageError(
+            f"[migrations] sql_dir: {sql_dir!r} is not a directory in {src}",
+            hint="the directory of the app's *.sql files, e.g. migrations/postgres",
+        )
+
+
 def pack(
     src_dir: Path,
     out_dir: Path,
@@ -187,6 +213,10 @@ def pack(
     migrate: Sequence[str] | None = None,
     shared_dirs: Sequence[str] | None = None,
     runtime: str | None = None,
+    sql_migrations: str | None = None,
+    sql_baseline: str | None = None,
+    required_env: Sequence[str] | None = None,
+    generated_env: Sequence[str] | None = None,
 ) -> Path:
     """Pack src_dir into out_dir/<name>-<version>.tar.gz (+ .sha256); returns the artifact."""
     if not src_dir.is_dir():
@@ -201,9 +231,21 @@ def pack(
         migrate=migrate,
         shared_dirs=shared_dirs,
         runtime=runtime,
+        sql_migrations=sql_migrations,
+        sql_baseline=sql_baseline,
+        required_env=required_env,
+        generated_env=generated_env,
     )
+    if manifest.migrations is not None:
+        _check_sql_dir(src, manifest.migrations.sql_dir)
     if manifest.runtime is not None and not (src / manifest.runtime).is_dir():
         raise UsageError(f"runtime: {manifest.runtime!r} is not a directory in {src}")
+    for d in manifest.shared_dirs if manifest.kind is Kind.BACKEND else ():
+        if (src / d).is_symlink() or ((src / d).exists() and not (src / d).is_dir()):
+            raise UsageError(
+                f"shared dir {d!r} is not a directory in {src}",
+                hint="a shared dir is a directory (what it holds is shipped) or absent",
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir.resolve()
     if out == src or src in out.parents:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import os
+import pwd
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Debian's PostgreSQL server binaries (initdb, postgres), newest major first.
@@ -53,3 +56,43 @@ def as_postgres(argv: list[str], input: str | None = None) -> None:
         capture_output=True,
         check=True,
     )
+
+
+@contextlib.contextmanager
+def postgres_cluster(workdir: Path) -> Iterator[int]:
+    """A throwaway PostgreSQL (initdb in workdir, which postgres must own) on 127.0.0.1 and a
+    socket in workdir, local peer and SCRAM over TCP as Debian's cluster; yields its port."""
+    port = free_port()
+    pwfile = workdir / "pw"
+    pwfile.write_text("superpw\n")
+    os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
+    as_postgres(
+        [
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(workdir / "data"),
+            "--auth-local=peer",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--no-sync",
+        ]
+    )
+    server = [str(PG_BIN / "postgres"), "-D", str(workdir / "data"), "-p", str(port)]
+    server += ["-k", str(workdir), "-c", "listen_addresses=127.0.0.1"]
+    proc = subprocess.Popen(["runuser", "-u", "postgres", "--", *server])
+    try:
+        wait_for(lambda: port_open(port), what="postgres")
+        yield port
+    finally:
+        stop(proc)
+
+
+def create_app_database(workdir: Path, port: int, role: str, database: str, password: str) -> None:
+    """The app's role (SCRAM) and its database, as `aipbxctl setup` makes them."""
+    sql = (
+        "SET password_encryption = 'scram-sha-256';\n"
+        f"CREATE ROLE {role} LOGIN PASSWORD '{password.replace(chr(39), chr(39) * 2)}';\n"
+        f"CREATE DATABASE {database} OWNER {role};\n"
+    )
+    argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(workdir), "-p", str(port)]
+    as_postgres([*argv, "-d", "postgres"], input=sql)

@@ -57,7 +57,9 @@ def _curl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _start(tmp: Path, backend_port: int | None) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+def _start(
+    tmp: Path, backend_port: int | None, *, maintenance: bool = False
+) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     ports = {k: free_port() for k in ("http", "https", "svc_http", "svc_ws")}
     base = config.parse("")
     cfg = replace(
@@ -75,7 +77,7 @@ def _start(tmp: Path, backend_port: int | None) -> tuple[subprocess.Popen[bytes]
     # What setup does: a checked copy in the store, which the workers read at each handshake.
     placed = tls_store.place(paths, paths.selfsigned_cert, paths.selfsigned_key, kind="x")
     tls_store.commit(paths, placed.dir)
-    site = nginx.render_site(cfg, paths, ipv6=False, tls_dir=placed.dir)
+    site = nginx.render_site(cfg, paths, ipv6=False, tls_dir=placed.dir, maintenance=maintenance)
     # No nft table here: point the live-color address straight at the test's backend (or
     # at a closed port, as when no color is live).
     upstream = nginx.render_upstream(cfg)
@@ -159,5 +161,140 @@ def test_no_live_color_gives_a_503_with_retry_after(www_root: Path) -> None:
         assert "retry-after: 5" in r.stdout.lower()
         assert '"error":"backend unavailable"' in r.stdout
         assert "x-frame-options" in r.stdout.lower()
+    finally:
+        stop(proc)
+
+
+# --- the real app's answers through nginx: route precedence, one value per header --------
+
+# What the real backend (NestJS + helmet 8, serve-static for ./static) sends on every answer.
+APP_HEADERS = {
+    "Strict-Transport-Security": "max-age=31536000; includeSubDomains",
+    "X-XSS-Protection": "0",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'",
+    "Cross-Origin-Resource-Policy": "cross-origin",
+}
+# The appliance's (nginx/site.conf.j2), lower-cased as HTTP/2 sends them.
+OURS = {
+    "strict-transport-security": "max-age=63072000; includeSubDomains; preload",
+    "x-xss-protection": "1; mode=block",
+    "referrer-policy": "strict-origin-when-cross-origin",
+    "x-frame-options": "SAMEORIGIN",
+    "x-content-type-options": "nosniff",
+}
+IMAGE = bytes(range(256)) * 37 + b"\xff\xd9"  # not text: the bytes must arrive unchanged
+
+
+class _App(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.startswith("/static/"):
+            body, ctype = IMAGE, "image/jpeg"
+            extra = {"Cache-Control": "public, max-age=0", "ETag": 'W/"1"'}
+        else:
+            body, ctype = f"app {self.path}".encode(), "text/plain"
+            extra = {"Cache-Control": "no-store, no-cache, must-revalidate", "Pragma": "no-cache"}
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in {**APP_HEADERS, **extra}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def app() -> Iterator[int]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+
+
+def _get(url: str, tmp: Path) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, every header line (name lower-cased, in order) and the body's bytes."""
+    head, body = tmp / "curl-head", tmp / "curl-body"  # tmp/body is nginx's temp dir
+    subprocess.run(
+        ["curl", "-sk", "--max-time", "5", "-D", str(head), "-o", str(body), url], check=True
+    )
+    lines = head.read_text().splitlines()
+    headers = []
+    for ln in lines[1:]:
+        name, sep, value = ln.partition(":")
+        if sep:
+            headers.append((name.strip().lower(), value.strip()))
+    return int(lines[0].split()[1]), headers, body.read_bytes()
+
+
+def _values(headers: list[tuple[str, str]], name: str) -> list[str]:
+    return [v for n, v in headers if n == name]
+
+
+def _spa(tmp: Path) -> None:
+    """A frontend build where nginx serves it from: index.html and a hashed chunk."""
+    root = Paths(tmp).frontend / "current"
+    root.mkdir(parents=True)
+    (root / "index.html").write_text("<html>spa</html>")
+    (root / "main.3f2a9c.js").write_text("console.log('spa')")
+    for d in (root, *root.parents):
+        if d == tmp:
+            break
+        d.chmod(0o755)
+
+
+def test_backend_routes_win_over_spa_assets_with_one_value_per_header(
+    www_root: Path, app: int
+) -> None:
+    _spa(www_root)
+    proc, ports = _start(www_root, app)
+    try:
+        https = f"https://127.0.0.1:{ports['https']}"
+        # /static/ (the app's shipped and uploaded images): the backend's bytes, 7 days public
+        status, headers, body = _get(f"{https}/static/invoice-pechat.jpg", www_root)
+        assert status == 200 and body == IMAGE
+        assert sorted(_values(headers, "cache-control")) == ["max-age=604800", "public"]
+        assert len(_values(headers, "expires")) == 1
+        assert _values(headers, "etag") == ['W/"1"']
+        # backend routes whose names look like SPA assets reach the backend
+        for path in ("/api/files/x.png", "/socket.io/socket.io.js", "/ws/x.css", "/api/calls"):
+            status, headers, body = _get(f"{https}{path}", www_root)
+            assert (status, body) == (200, f"app {path}".encode()), path
+            # the app's own no-store survives where nginx sets no caching of its own
+            assert _values(headers, "cache-control") == [
+                "no-store, no-cache, must-revalidate"
+            ], path
+        # every answer carries exactly one value of each security header: the appliance's
+        for path in ("/static/x.jpg", "/api/x.png", "/socket.io/socket.io.js", "/api/x"):
+            _, headers, _ = _get(f"{https}{path}", www_root)
+            for name, value in OURS.items():
+                assert _values(headers, name) == [value], (path, name)
+            assert len(_values(headers, "content-security-policy")) == 1, path
+            assert _values(headers, "cross-origin-resource-policy") == ["cross-origin"], path
+        # the SPA's hashed assets: from the frontend root, cached for good
+        status, headers, body = _get(f"{https}/main.3f2a9c.js", www_root)
+        assert (status, body) == (200, b"console.log('spa')")
+        assert "public, immutable" in _values(headers, "cache-control")
+        assert _values(headers, "x-frame-options") == ["SAMEORIGIN"]
+        assert _get(f"{https}/missing.3f2a9c.js", www_root)[0] == 404
+        assert _get(f"{https}/calls/42", www_root)[2] == b"<html>spa</html>"
+    finally:
+        stop(proc)
+
+
+def test_maintenance_answers_503_on_every_backend_route(www_root: Path, app: int) -> None:
+    _spa(www_root)
+    proc, ports = _start(www_root, app, maintenance=True)
+    try:
+        https = f"https://127.0.0.1:{ports['https']}"
+        for path in ("/static/x.jpg", "/api/x.png", "/socket.io/socket.io.js", "/ws/x"):
+            status, headers, body = _get(f"{https}{path}", www_root)
+            assert status == 503, path
+            assert b"maintenance" in body and _values(headers, "retry-after") == ["30"], path
+        assert _get(f"{https}/main.3f2a9c.js", www_root)[0] == 200
     finally:
         stop(proc)

@@ -16,7 +16,14 @@ import pytest
 
 from appliance import pgbouncer
 from appliance.config import Database
-from tests.integration.procs import PG_BIN, as_postgres, free_port, port_open, stop, wait_for
+from tests.integration.procs import (
+    create_app_database,
+    free_port,
+    port_open,
+    postgres_cluster,
+    stop,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -32,68 +39,14 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def postgres(workdir: Path) -> Iterator[int]:
-    port = free_port()
-    data = workdir / "data"
-    pwfile = workdir / "pw"
-    pwfile.write_text("superpw\n")
-    os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
-    as_postgres(
-        [
-            str(PG_BIN / "initdb"),
-            "-D",
-            str(data),
-            "--auth-local=peer",
-            "--auth-host=scram-sha-256",
-            f"--pwfile={pwfile}",
-            "--no-sync",
-        ]
-    )
-    proc = subprocess.Popen(
-        [
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            str(PG_BIN / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-k",
-            str(workdir),
-            "-c",
-            "listen_addresses=127.0.0.1",
-        ]
-    )
-    wait_for(lambda: port_open(port), what="postgres")
-    yield port
-    stop(proc)
+    with postgres_cluster(workdir) as port:
+        yield port
 
 
 def test_pgbouncer_scram_in_front_of_postgres(workdir: Path, postgres: int) -> None:
     db = replace(Database(), postgres_port=postgres, pgbouncer_port=free_port(), pool_size=2)
     password = "p@ss'w\"ord"
-    sql = (
-        "SET password_encryption = 'scram-sha-256';\n"
-        f"CREATE ROLE {db.user} LOGIN PASSWORD '{password.replace(chr(39), chr(39) * 2)}';\n"
-        f"CREATE DATABASE {db.name} OWNER {db.user};\n"
-    )
-    as_postgres(
-        [
-            "psql",
-            "-X",
-            "-q",
-            "-h",
-            str(workdir),
-            "-p",
-            str(postgres),
-            "-d",
-            "postgres",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ],
-        input=sql,
-    )
+    create_app_database(workdir, postgres, db.user, db.name, password)
     userlist = workdir / "userlist.txt"
     userlist.write_text(pgbouncer.render_userlist(db.user, password))
     ini = workdir / "pgbouncer.ini"

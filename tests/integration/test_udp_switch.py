@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import config, netns, nft
+from appliance import config, drain, netns, nft
 from appliance.colors import LIVE_ADDR, Color, color_net
 from tests.integration.procs import stop
 
@@ -164,3 +164,27 @@ def test_open_tcp_connection_stays_new_connection_moves(
     with _connect(addr) as new:
         assert _tcp_ask(new.makefile("rwb"), b"three") == b"green three"
     ws.close()
+
+
+def test_a_stopped_colors_udp_flows_are_forgotten_and_move_to_the_live_color(
+    lab: tuple[config.Config, str, str],
+) -> None:
+    """A call that outlived the drain: once its color stops, its conntrack entry goes and
+    its next packet is DNATed to the live color (else it would go to the stopped one for as
+    long as the far end keeps sending)."""
+    cfg, prefix, table = lab
+    port = cfg.backend.udp_port
+    nft.apply(nft.render(cfg, Color.BLUE, table=table, prefix=prefix))
+    call = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    call.settimeout(0.5)
+    call.bind(("127.0.0.1", 0))
+    assert _ask(call, port, b"rtp-1") == b"blue rtp-1"
+    nft.apply(nft.render(cfg, Color.GREEN, table=table, prefix=prefix))
+    assert _ask(call, port, b"rtp-2") == b"blue rtp-2"  # pinned to blue, as a call is
+    assert drain.usage(cfg, Color.BLUE).udp_flows == 1
+    # Only the flows of blue in this test's own subnet and port are touched.
+    assert drain.forget_udp_flows(cfg, Color.BLUE) == 1
+    assert drain.usage(cfg, Color.BLUE).udp_flows == 0
+    assert _ask(call, port, b"rtp-3") == b"green rtp-3"  # the same flow, now on green
+    assert drain.usage(cfg, Color.GREEN).udp_flows == 1
+    assert drain.forget_udp_flows(cfg, Color.BLUE) == 0

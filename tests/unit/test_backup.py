@@ -265,7 +265,7 @@ def test_maintenance_site_answers_the_api_with_503_and_retry_after(tmp_path: Pat
     assert "return 503;  # maintenance" not in normal and "being restored" not in normal
     assert "add_header Retry-After 30 always;" in maint
     assert '"error":"maintenance: the database is being restored"' in maint
-    for location in ("location /api/ {", "location = /api/auth/login {", "location /ws/ {"):
+    for location in ("location ^~ /api/ {", "location = /api/auth/login {", "location ^~ /ws/ {"):
         block = maint.split(location, 1)[1].split("\n    }", 1)[0]
         assert "return 503;  # maintenance" in block, location
     # the frontend and ACME keep being served

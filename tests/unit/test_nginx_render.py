@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from appliance import config, nginx
 from appliance.paths import Paths
 
@@ -11,10 +13,10 @@ def test_site_has_seed_routes_headers_and_limits(tmp_path: Path) -> None:
     site = nginx.render_site(cfg, Paths(tmp_path), ipv6=False)
     for needle in (
         "server_name pbx.example.com;",
-        "location /api/ {",
-        "location /static/ {",
-        "location /ws/ {",
-        "location /socket.io/ {",
+        "location ^~ /api/ {",
+        "location ^~ /static/ {",
+        "location ^~ /ws/ {",
+        "location ^~ /socket.io/ {",
         "location /.well-known/acme-challenge/ {",
         "limit_req_zone $aipbx_limit_key zone=aipbx_api:10m rate=20r/s;",
         "client_max_body_size 50m;",
@@ -42,6 +44,68 @@ def test_every_location_that_adds_headers_keeps_the_security_headers(tmp_path: P
         body = block.split("\n    }")[0]
         if "add_header" in body:
             assert "X-Content-Type-Options" in body, body
+
+
+def _tls_locations(site: str) -> dict[str, str]:
+    """The TLS server's location blocks, by their head (`^~ /api/`, `= /api/auth/login`)."""
+    tls = site.split("listen 443 ssl")[1].split("\n}\n")[0]
+    blocks = {}
+    for block in tls.split("\n    location ")[1:]:
+        head, _, body = block.partition(" {\n")
+        blocks[head] = body.split("\n    }")[0]
+    return blocks
+
+
+def _header_names(body: str, directive: str) -> set[str]:
+    return {
+        ln.split()[1].rstrip(";").lower()
+        for ln in body.splitlines()
+        if ln.strip().startswith(directive + " ")
+    }
+
+
+@pytest.mark.parametrize("maintenance", [False, True])
+def test_backend_routes_win_over_the_spa_asset_regex(tmp_path: Path, maintenance: bool) -> None:
+    # A prefix location without ^~ loses to any regex that matches: /static/x.jpg,
+    # /api/files/x.png and /socket.io/socket.io.js would be looked up in the SPA's root.
+    locations = _tls_locations(
+        nginx.render_site(config.parse(""), Paths(tmp_path), ipv6=False, maintenance=maintenance)
+    )
+    for head, body in locations.items():
+        if "proxy_pass" in body or "return 503;" in body:
+            assert head.startswith(("^~ ", "= ")), head
+    assert {"^~ /api/", "= /api/auth/login", "^~ /static/", "^~ /ws/", "^~ /socket.io/"} <= set(
+        locations
+    )
+    if maintenance:
+        for head in ("^~ /api/", "= /api/auth/login", "^~ /static/", "^~ /ws/", "^~ /socket.io/"):
+            assert "return 503;" in locations[head], head
+
+
+def test_every_proxied_location_hides_the_apps_version_of_our_headers(tmp_path: Path) -> None:
+    site = nginx.render_site(config.parse(""), Paths(tmp_path), ipv6=False)
+    server_level = site.split("listen 443 ssl")[1].split("    location")[0]
+    ours = _header_names(server_level, "add_header")
+    assert "strict-transport-security" in ours and "referrer-policy" in ours
+    proxied = {h: b for h, b in _tls_locations(site).items() if "proxy_pass" in b}
+    assert len(proxied) == 5
+    for head, body in proxied.items():
+        hidden = _header_names(body, "proxy_hide_header")
+        assert ours <= hidden, (head, ours - hidden)
+        # whatever a location adds itself is hidden from the app too
+        assert _header_names(body, "add_header") <= hidden, head
+    static = proxied["^~ /static/"]
+    assert "expires 7d;" in static and 'add_header Cache-Control "public";' in static
+    assert {"cache-control", "expires"} <= _header_names(static, "proxy_hide_header")
+    # the service ports pass the app's answer through untouched
+    assert "proxy_hide_header" not in site.split("# The host's service ports")[1]
+
+
+def test_spa_assets_keep_immutable_caching(tmp_path: Path) -> None:
+    locations = _tls_locations(nginx.render_site(config.parse(""), Paths(tmp_path), ipv6=False))
+    (asset,) = [b for h, b in locations.items() if h.startswith("~*")]
+    assert 'add_header Cache-Control "public, immutable";' in asset
+    assert "try_files $uri =404;" in asset and "proxy_pass" not in asset
 
 
 def test_letsencrypt_cert_is_preferred_when_present(tmp_path: Path) -> None:
