@@ -3,6 +3,7 @@ one line and a hint, never a traceback for an expected failure."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__, netcheck
+from appliance import __version__, appenv, netcheck
 from appliance import config as config_mod
 from appliance import log as logmod
 from appliance.actions import (
@@ -79,6 +80,9 @@ def _dispatch(args: object, paths: Paths) -> int:
             data = env_cmd.list_env(paths)
             _print_json(data) if a["json"] else print(env_cmd.format_list(data))
         else:
+            if a["env_command"] == "set":
+                given = json.loads(os.environ.pop(appenv.VALUES_VAR, "{}"))
+                a["assignments"] = appenv.fill_values(a["assignments"], given, _read_value)
             done = env_cmd.change(paths, services, a)
             verb = a["env_command"]
             _print_json(done) if a["json"] else print(env_cmd.format_change(done, verb))
@@ -153,8 +157,38 @@ def _cert(a: dict[str, Any], paths: Paths, services: SystemdServices) -> int:
     return ExitCode.OK
 
 
+def _read_value(key: str) -> str:
+    """The value of `key` for `env set KEY`: typed at a prompt that does not echo it, or
+    one line of stdin."""
+    if sys.stdin.isatty():
+        return getpass.getpass(f"{key}: ")
+    line = sys.stdin.readline()
+    if not line:
+        raise UsageError(
+            f"no value for {key}: stdin ended", hint=f"echo VALUE | aipbxctl env set {key}"
+        )
+    return line.removesuffix("\n")
+
+
+def _without_values(argv: Sequence[str], assignments: Sequence[str]) -> None:
+    """`env set KEY=VALUE…` run from a shell: exec this command again with the values in
+    the environment instead of the command line (appenv.VALUES_VAR). Returns when there is
+    nothing to hide."""
+    hidden = appenv.hide_values(assignments)
+    if hidden is None or appenv.VALUES_VAR in os.environ:
+        return
+    names, values = hidden
+    swap = dict(zip(assignments, names, strict=True))
+    args = [swap.get(a, a) for a in argv]
+    prefix = sys.orig_argv[: len(sys.orig_argv) - len(argv)]
+    env = {**os.environ, appenv.VALUES_VAR: json.dumps(values)}
+    os.execve(sys.executable, [*prefix, *args], env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if argv is None and args.command == "env" and args.env_command == "set":
+        _without_values(sys.argv[1:], args.assignments)
     logmod.setup(verbose=args.verbose)
     paths = Paths(Path(os.environ.get("AIPBX_ROOT", "/")))
     try:

@@ -26,7 +26,7 @@ import os
 import re
 import secrets as rnd
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -207,6 +207,48 @@ def check_key(key: str) -> None:
             f"{key!r} is not a variable name",
             hint="letters, digits and '_', not starting with a digit",
         )
+
+
+# `env set KEY=VALUE` re-executes itself with the values moved here (readable only by root
+# in /proc/PID/environ), so they never stay in its command line: journald records the
+# command line of every process that logs (_CMDLINE), and `ps` shows it to every user.
+VALUES_VAR = "AIPBX_ENV_SET_VALUES"
+
+
+def hide_values(args: Sequence[str]) -> tuple[list[str], dict[str, str]] | None:
+    """Pure: `env set`'s arguments with each KEY=VALUE turned into KEY, and the values, or
+    None when no argument carries a value. A key given twice stays as given, so the
+    re-executed command refuses it as the first would have."""
+    if not any("=" in a for a in args):
+        return None
+    names: list[str] = []
+    values: dict[str, str] = {}
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq or key in values:
+            names.append(a)
+            continue
+        names.append(key)
+        values[key] = value
+    return names, values
+
+
+def fill_values(
+    args: Sequence[str], given: Mapping[str, str], read: Callable[[str], str]
+) -> list[str]:
+    """KEY=VALUE for each argument: its own value, else the one the first process passed on
+    (VALUES_VAR), else read(KEY) (stdin or a prompt, so a secret need not be typed on
+    the command line at all)."""
+    out: list[str] = []
+    for a in args:
+        if "=" in a:
+            out.append(a)
+        elif a in given:
+            out.append(f"{a}={given[a]}")
+        else:
+            check_key(a)
+            out.append(f"{a}={read(a)}")
+    return out
 
 
 def parse_assignments(args: Sequence[str]) -> dict[str, str]:

@@ -132,7 +132,13 @@ def parser() -> argparse.ArgumentParser:
         "set",
         help="set variables, then apply them with a blue/green restart of the live release",
     )
-    es.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    es.add_argument(
+        "assignments",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="a variable and its value; KEY alone reads the value from stdin (or a prompt "
+        "that does not echo), so a secret need not be typed on the command line",
+    )
     eu = ensub.add_parser(
         "unset", help="remove variables, then apply with a blue/green restart of the live release"
     )

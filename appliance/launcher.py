@@ -69,6 +69,46 @@ def backend_env(
     return env
 
 
+# Control sequences (CSI: ESC [ params intermediates final), as GNU sed's regex. Nest's
+# logger honours NO_COLOR for its own colours but passes its extra arguments to
+# util.inspect() with colors on whatever the environment says (Nest 11 ConsoleLogger), so a
+# port number or an error object still reaches the journal as `ESC[33m3033ESC[39m`, which
+# journalctl then shows as "[blob data]".
+SED = "/usr/bin/sed"
+STRIP_CSI = r"s/\x1b\[[0-?]*[ -\/]*[@-~]//g"
+
+
+def strips_colours(env: Mapping[str, str]) -> bool:
+    """Pure: whether the app's output goes through the filter (the operator did not ask for
+    colours with FORCE_COLOR, and NO_COLOR is set, as backend_env sets it by default)."""
+    return bool(env.get("NO_COLOR")) and not env.get("FORCE_COLOR")
+
+
+def filter_argv() -> list[str]:
+    return [SED, "--unbuffered", "-e", STRIP_CSI]
+
+
+def _through_filter() -> None:
+    """Send this process's stdout and stderr through `sed` (a child that strips control
+    sequences and writes to the journal stream this process had), then return to exec the
+    app in this process: the app stays the unit's main process, gets its signals, and the
+    filter ends at EOF when the app exits."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the filter
+        try:
+            os.dup2(r, 0)
+            os.close(r)
+            os.close(w)
+            os.execv(SED, filter_argv())
+        finally:
+            os._exit(127)
+    os.dup2(w, 1)
+    os.dup2(w, 2)
+    os.close(r)
+    os.close(w)
+
+
 def main(argv: Sequence[str]) -> int:
     try:
         if len(argv) != 1:
@@ -90,4 +130,6 @@ def main(argv: Sequence[str]) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if strips_colours(env) and os.access(SED, os.X_OK):
+        _through_filter()
     os.execvpe(m.command[0], list(m.command), env)

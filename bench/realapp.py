@@ -204,7 +204,7 @@ def run_naive(
         restart_at = time.time()
         m.run(["systemctl", "restart", f"aipbx-backend@{color}.service"], timeout=300)
         wait_until(
-            lambda: realapp.curl(m, "/api")[0] == 404, 300, "the restarted backend", poll=0.2
+            lambda: realapp.curl(m, "/api/")[0] == 404, 300, "the restarted backend", poll=0.2
         )
         healthy_s = time.time() - restart_at
         time.sleep(max(0.0, restart_at + duration * 0.75 - time.time()))

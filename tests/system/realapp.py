@@ -33,7 +33,7 @@ APP_ENV = {
 }
 # What the load asks: the app's health route (404 from Nest), a file the release ships in
 # its shared static/ dir, and a route that reads the database through PgBouncer.
-LOAD_PATHS = ("/api", "/static/invoice-pechat.jpg", "/api/prices/public")
+LOAD_PATHS = ("/api/", "/static/invoice-pechat.jpg", "/api/prices/public")
 
 
 class NotBuilt(Exception):

@@ -109,8 +109,8 @@ def test_first_deploy_of_the_real_backend(machine: Machine, app: dict[str, Any])
     assert "Nest application successfully started" in backend_log, backend_log[-3000:]
     assert "\x1b[" not in backend_log
     # the app answers through nginx: its health route, and a file of its shared static/
-    status, _, _ = curl(machine, "/api")
-    assert status == 404  # Nest's answer for /api: < 500 is healthy (its Dockerfile)
+    status, _, _ = curl(machine, "/api/")
+    assert status == 404  # Nest answers /api/ with 404: < 500 is healthy (its Dockerfile)
     assert_no_failed_units(machine)
 
 
@@ -134,7 +134,7 @@ def test_static_files_through_nginx(machine: Machine, app: dict[str, Any]) -> No
         assert len(headers.get(name, [])) == 1, (name, headers.get(name))
     assert headers["strict-transport-security"] == ["max-age=63072000; includeSubDomains; preload"]
     assert headers["referrer-policy"] == ["strict-origin-when-cross-origin"]
-    _, api_headers, _ = curl(machine, "/api")
+    _, api_headers, _ = curl(machine, "/api/")
     for name in ("strict-transport-security", "x-xss-protection", "referrer-policy"):
         assert len(api_headers.get(name, [])) == 1, (name, api_headers.get(name))
 

@@ -558,3 +558,20 @@ def test_doctor_reports_the_apps_environment(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         os.chown(paths.backend_env, 0, appenv.group_id())
         assert doctor.check_app_env(paths, Recorder()) == []
+
+
+def test_values_leave_the_command_line() -> None:
+    from appliance.appenv import fill_values, hide_values
+
+    assert hide_values(["A", "B"]) is None
+    names, values = hide_values(["A=1", "B", "C=x=y", "A=2"]) or ([], {})
+    # a key given twice stays as given: the re-executed command refuses it
+    assert names == ["A", "B", "C", "A=2"] and values == {"A": "1", "C": "x=y"}
+    asked: list[str] = []
+
+    def read(key: str) -> str:
+        asked.append(key)
+        return "typed"
+
+    assert fill_values(names, values, read) == ["A=1", "B=typed", "C=x=y", "A=2"]
+    assert asked == ["B"]

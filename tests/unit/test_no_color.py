@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from appliance import config
+from appliance import config, launcher
 from appliance.colors import Color
-from appliance.launcher import backend_env
+from appliance.launcher import backend_env, filter_argv, strips_colours
 from appliance.release.manifest import Kind, Manifest
 
 CFG = config.parse("")
@@ -49,3 +52,49 @@ def test_backend_env_file_may_ask_for_colour() -> None:
     env = backend_env(CFG, Color.BLUE, m, RELEASE, {}, files)
     assert env["FORCE_COLOR"] == "1" and "NO_COLOR" not in env
     assert backend_env(CFG, Color.BLUE, m, RELEASE, {}, appenv.Files({}, {}))["NO_COLOR"] == "1"
+
+
+def test_strips_colours_unless_asked_for() -> None:
+    assert strips_colours({"NO_COLOR": "1"})
+    assert not strips_colours({"NO_COLOR": "1", "FORCE_COLOR": "1"})
+    assert not strips_colours({})
+
+
+NEST = (
+    "\x1b[32m[Nest] 375  - \x1b[39m11/29/2026, 5:01:32 PM \x1b[32m    LOG\x1b[39m "
+    "\x1b[33m[WsServerGateway]\x1b[39m WS server started on port: \x1b[33m3033\x1b[39m\n"
+    "{ error: \x1b[32m'ECONNREFUSED'\x1b[39m, code: \x1b[33m-111\x1b[39m } \x1b[1;31mbold\x1b[0m\n"
+)
+
+
+def test_the_filter_leaves_the_text_and_no_control_sequence() -> None:
+    out = subprocess.run(filter_argv(), input=NEST, capture_output=True, text=True, check=True)
+    assert "\x1b" not in out.stdout
+    assert out.stdout == (
+        "[Nest] 375  - 11/29/2026, 5:01:32 PM     LOG [WsServerGateway] WS server started "
+        "on port: 3033\n{ error: 'ECONNREFUSED', code: -111 } bold\n"
+    )
+
+
+def test_the_app_runs_in_this_process_with_its_output_through_the_filter() -> None:
+    """_through_filter() then exec: what the app writes to stdout and stderr reaches the
+    original stdout without control sequences, and the app keeps the launcher's PID."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(w, 1)
+            os.close(r)
+            os.close(w)
+            launcher._through_filter()
+            script = "import os,sys; print('\\x1b[33mout\\x1b[39m', os.getpid(), flush=True); "
+            script += "print('\\x1b[31merr\\x1b[0m', file=sys.stderr)"
+            os.execv(sys.executable, [sys.executable, "-c", script])
+        finally:
+            os._exit(1)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    lines = sorted(text.splitlines())
+    assert lines == ["err", f"out {pid}"], text
