@@ -7,6 +7,7 @@ systemd's EnvironmentFile= syntax, so that a migration gets exactly the same).""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -95,8 +96,10 @@ def _through_filter() -> None:
     filter ends at EOF when the app exits."""
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the filter
+    if pid == 0:  # the filter: it outlives a SIGTERM to the unit, reading to the app's EOF
         try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)  # kept ignored across exec
             os.dup2(r, 0)
             os.close(r)
             os.close(w)

@@ -172,6 +172,7 @@ def run_bluegreen(m: Machine, duration: float, http_rps: float) -> dict[str, Any
     fig = asdict(analyze.analyze(doc, db_ids(m), events))
     fig["upgrade_exit_code"] = upgrade.get("exit_code")
     fig["rollback_instant"] = rollback.get("instant")
+    fig["rollback_exit_code"] = rollback.get("exit_code")
     return {
         "figures": fig,
         "doc": doc,

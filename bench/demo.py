@@ -85,17 +85,10 @@ def main() -> int:
             f"\nreport: {(out / 'report.json').relative_to(TOP)}, timeline: "
             f"{(out / 'upgrade-timeline.png').relative_to(TOP)}"
         )
-        broken = claim_failures(bg["figures"])
-        if broken:
-            print("demo: the blue/green run did NOT hold: " + "; ".join(broken), file=sys.stderr)
-            return 1
-        if keep:
-            print(f"machine left running: nsenter -t {m.pid1} -a bash")
-            print(f"stop it with: kill {m.nspawn_pid}")
+        return verdict(m, bg["figures"], keep)
     finally:
         if not keep:
             m.close()
-    return 0
 
 
 def main_real() -> int:
@@ -154,17 +147,21 @@ def main_real() -> int:
         step("what happened", t0)
         print(timeline.render_table({"blue/green": doc, "naive restart": doc["naive_restart"]}))
         print(f"\nreport: {(out / 'report.json').relative_to(TOP)}")
-        broken = claim_failures(fig)
-        if broken:
-            print("demo: the blue/green run did NOT hold: " + "; ".join(broken), file=sys.stderr)
-            return 1
-        if keep:
-            print(f"machine left running: nsenter -t {m.pid1} -a bash")
-            print(f"stop it with: kill {m.nspawn_pid}")
+        return verdict(m, fig, keep)
     finally:
         if not keep:
             m.close()
-    return 0
+
+
+def verdict(m: Machine, fig: dict[str, Any], keep: bool) -> int:
+    """Exit code: 1, saying so, when the blue/green run broke the demo's claim."""
+    broken = claim_failures(fig)
+    if broken:
+        print("demo: the blue/green run did NOT hold: " + "; ".join(broken), file=sys.stderr)
+    if keep:
+        print(f"machine left running: nsenter -t {m.pid1} -a bash")
+        print(f"stop it with: kill {m.nspawn_pid}")
+    return 1 if broken else 0
 
 
 def claim_failures(fig: dict[str, Any]) -> list[str]:
@@ -180,8 +177,9 @@ def claim_failures(fig: dict[str, Any]) -> list[str]:
         broken.append(f"udp_pinned_flows = {pinned} of {before}")
     if fig.get("new_flows_on_new_color") != fig.get("new_flows_after_switch"):
         broken.append("a new call flow did not reach the new color")
-    if fig.get("upgrade_exit_code") not in (0, None):
-        broken.append(f"aipbxctl upgrade exited {fig.get('upgrade_exit_code')}")
+    for verb in ("upgrade", "rollback"):
+        if fig.get(f"{verb}_exit_code") not in (0, None):
+            broken.append(f"aipbxctl {verb} exited {fig.get(f'{verb}_exit_code')}")
     return broken
 
 

@@ -98,23 +98,30 @@ def _ask(sock: socket.socket, port: int, payload: bytes) -> bytes:
     raise AssertionError("no answer")
 
 
-def test_existing_flow_stays_pinned_new_flow_goes_to_new_color(
-    lab: tuple[config.Config, str, str],
-) -> None:
-    cfg, prefix, table = lab
+def _call_pinned_to_blue_after_switch(cfg: config.Config, prefix: str, table: str) -> socket.socket:
+    """A call started on blue, then the switch to green: it stays on blue (conntrack)."""
     port = cfg.backend.udp_port
     nft.apply(nft.render(cfg, Color.BLUE, table=table, prefix=prefix))
     call = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     call.settimeout(0.5)
     call.bind(("127.0.0.1", 0))
     assert _ask(call, port, b"rtp-1") == b"blue rtp-1"
-
     nft.apply(nft.render(cfg, Color.GREEN, table=table, prefix=prefix))
     assert _ask(call, port, b"rtp-2") == b"blue rtp-2"  # the live call stays on blue
+    return call
+
+
+def test_existing_flow_stays_pinned_new_flow_goes_to_new_color(
+    lab: tuple[config.Config, str, str],
+) -> None:
+    cfg, prefix, table = lab
+    port = cfg.backend.udp_port
+    call = _call_pinned_to_blue_after_switch(cfg, prefix, table)
     new = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     new.settimeout(0.5)
     new.bind(("127.0.0.1", 0))
     assert _ask(new, port, b"rtp-3") == b"green rtp-3"  # a new call goes to green
+    assert _ask(call, port, b"rtp-4") == b"blue rtp-4"  # while the old one stays
     # the switch left exactly one table of ours
     listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     assert listed.count(f"inet {table}") == 1
@@ -174,13 +181,7 @@ def test_a_stopped_colors_udp_flows_are_forgotten_and_move_to_the_live_color(
     long as the far end keeps sending)."""
     cfg, prefix, table = lab
     port = cfg.backend.udp_port
-    nft.apply(nft.render(cfg, Color.BLUE, table=table, prefix=prefix))
-    call = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    call.settimeout(0.5)
-    call.bind(("127.0.0.1", 0))
-    assert _ask(call, port, b"rtp-1") == b"blue rtp-1"
-    nft.apply(nft.render(cfg, Color.GREEN, table=table, prefix=prefix))
-    assert _ask(call, port, b"rtp-2") == b"blue rtp-2"  # pinned to blue, as a call is
+    call = _call_pinned_to_blue_after_switch(cfg, prefix, table)
     assert drain.usage(cfg, Color.BLUE).udp_flows == 1
     # Only the flows of blue in this test's own subnet and port are touched.
     assert drain.forget_udp_flows(cfg, Color.BLUE) == 1

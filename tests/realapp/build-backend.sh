@@ -90,5 +90,7 @@ printf '{"app": "%s", "commit": "%s", "version": "%s", "node": "%s"}\n' "${name%
     "${name##*-}" "$(sed -n 's/^  "version": "\(.*\)",$/\1/p' "$out/app/package.json")" \
     "$NODE_VERSION" >"$out/source.json"
 touch "$out/.done"
+# Older builds (another tarball or recipe) are not used again: keep only this one.
+find "$cache" -mindepth 1 -maxdepth 1 -name 'backend-*' ! -name "backend-$key" -exec rm -rf {} +
 log "built in $(( $(date +%s) - start )) s: $(du -sh "$out/app" | cut -f1)"
 echo "$out/app"

@@ -155,7 +155,13 @@ def progress(machine: Machine) -> dict[str, Any]:
 
 
 def start_load(
-    machine: Machine, name: str, duration: float, *, sio: int = 10, http_rps: float = 20
+    machine: Machine,
+    name: str,
+    duration: float,
+    *,
+    sio: int = 10,
+    http_rps: float = 20,
+    udp_flows: int = 4,
 ) -> None:
     for f in ("load-progress.json", f"{name}.json", "load-more", "load-stop"):
         machine.run(["rm", "-f", f"/root/{f}"])
@@ -177,7 +183,7 @@ def start_load(
         "--sio-more",
         "5",
         "--udp-flows",
-        "4",
+        str(udp_flows),
         "--udp-more",
         "2",
         "--more-file",

@@ -355,6 +355,26 @@ def test_env_set_applies_without_downtime(machine: Machine) -> None:
     assert "applied-once" not in journal
 
 
+def test_doctor_names_a_required_variable_that_is_gone(machine: Machine) -> None:
+    """`env unset` refuses to drop what the live release requires; an edit by hand that does
+    is what `doctor` reports (it said "no problems found" while the app could not start)."""
+    r = machine.run(
+        ["aipbxctl", "env", "unset", "STRIPE_SECRET_KEY", "--no-restart", "--yes"], check=False
+    )
+    assert r.returncode == 2 and "STRIPE_SECRET_KEY" in r.stderr, (r.stdout, r.stderr)
+    path = machine.path("/etc/aipbx/backend.env")
+    before = path.read_text()
+    try:
+        machine.run(["sed", "-i", "/^STRIPE_SECRET_KEY=/d", "/etc/aipbx/backend.env"])
+        code, report = aipbxctl_json(machine, "doctor", check=False)
+        assert code == 5, report
+        assert "STRIPE_SECRET_KEY" in json.dumps(report["findings"]), report
+    finally:
+        path.write_text(before)
+    code, report = aipbxctl_json(machine, "doctor", check=False)
+    assert "STRIPE_SECRET_KEY" not in json.dumps(report.get("findings", [])), report
+
+
 def test_the_real_apps_sql_migrations(machine: Machine, app: dict[str, Any]) -> None:
     """The real app's 38 dated SQL files on a database its v1 created. The first deploy
     recorded them as baseline (the app created its schema itself); a database that came

@@ -98,3 +98,31 @@ def test_the_app_runs_in_this_process_with_its_output_through_the_filter() -> No
     os.waitpid(pid, 0)
     lines = sorted(text.splitlines())
     assert lines == ["err", f"out {pid}"], text
+
+
+def test_the_filter_outlives_a_sigterm_and_passes_the_last_lines() -> None:
+    """systemd SIGTERMs every process of the unit at a stop: the filter must still pass
+    what the app writes while it shuts down, then end at EOF."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(w, 1)
+            os.close(r)
+            os.close(w)
+            launcher._through_filter()
+            script = (
+                "import os, subprocess, time\n"
+                "print('before', flush=True)\n"
+                "subprocess.run(['pkill', '-TERM', '-P', str(os.getpid())])  # the filter\n"
+                "time.sleep(0.3)\n"
+                "print('\\x1b[31mlast words\\x1b[0m', flush=True)\n"
+            )
+            os.execv(sys.executable, [sys.executable, "-c", script])
+        finally:
+            os._exit(1)
+    os.close(w)
+    with os.fdopen(r) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    assert text.splitlines() == ["before", "last words"], text
