@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -30,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance import cert
+from appliance import cert, safefs
 from appliance.errors import AipbxError
 from appliance.fsutil import atomic_write, locked
 from appliance.paths import Paths
@@ -121,27 +122,26 @@ def certbot_error(output: str, limit: int = 400) -> str:
 def probe_webroot(webroot: Path, http_port: int, domain: str, timeout: float = 5) -> None:
     """Fetch a file placed in the webroot from nginx on loopback, as the CA will (with the
     domain as Host), before asking the CA: a broken port 80 is reported here and does not
-    count against the CA's failed-validation limit."""
+    count against the CA's failed-validation limit. The webroot is root's (nginx's workers
+    only read it); even so the probe is written and removed through the fd of the challenge
+    directory, reached through no link another user owns (appliance.safefs)."""
     challenges = webroot / CHALLENGE_DIR
-    challenges.mkdir(parents=True, exist_ok=True, mode=0o755)
-    import http.client  # here: the watchdog imports this module, and never probes
-
-    token = secrets.token_urlsafe(16)
-    probe = challenges / f"aipbx-probe-{token}"
-    atomic_write(probe, token, mode=0o644)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=timeout)
-        try:
-            conn.request("GET", f"/{CHALLENGE_DIR}/{probe.name}", headers={"Host": domain})
-            resp = conn.getresponse()
-            body = resp.read(1024).decode(errors="replace")
-            seen = f"HTTP {resp.status}"
-        finally:
-            conn.close()
-    except OSError as e:
-        body, seen = "", f"{type(e).__name__}: {e.strerror or e}"
+        dfd = safefs.make_dirs(challenges, mode=0o755)
+    except safefs.Unsafe as e:
+        raise AipbxError(f"the ACME webroot: {e.message}", hint=e.hint) from None
+    token = secrets.token_urlsafe(16)
+    name = f"aipbx-probe-{token}"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(name, flags, 0o644, dir_fd=dfd), "w") as f:
+            f.write(token)
+            os.fchmod(f.fileno(), 0o644)
+        body, seen = _fetch(f"/{CHALLENGE_DIR}/{name}", http_port, domain, timeout)
     finally:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dfd)
+        os.close(dfd)
     if body != token:
         raise AipbxError(
             f"nginx does not serve the ACME webroot {webroot} on port {http_port} "
@@ -149,6 +149,22 @@ def probe_webroot(webroot: Path, http_port: int, domain: str, timeout: float = 5
             hint="`aipbxctl setup` renders and reloads the nginx site; "
             "`systemctl status nginx` shows whether it runs",
         )
+
+
+def _fetch(path: str, http_port: int, domain: str, timeout: float) -> tuple[str, str]:
+    """(body, what was seen) of GET path from nginx on loopback with the domain as Host."""
+    import http.client  # here: the watchdog imports this module, and never probes
+
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=timeout)
+        try:
+            conn.request("GET", path, headers={"Host": domain})
+            resp = conn.getresponse()
+            return resp.read(1024).decode(errors="replace"), f"HTTP {resp.status}"
+        finally:
+            conn.close()
+    except OSError as e:
+        return "", f"{type(e).__name__}: {e.strerror or e}"
 
 
 # --- certbot.service as systemd saw it ---------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance import envfile
+from appliance import envfile, safefs
 from appliance.errors import AipbxError, UsageError
 from appliance.fsutil import atomic_write
 from appliance.secrets import GENERATED as SETUP_GENERATED
@@ -109,14 +109,21 @@ class Files:
     setup: Mapping[str, str]  # secrets.env: FROM_SETUP and DB_PASS only
 
 
+MAX_FILE_BYTES = 1 << 20  # far more than execve passes to a process anyway
+
+
 def read_text(path: Path) -> str:
-    """A file's text; "" when it does not exist. Invalid UTF-8 is refused, as systemd does."""
+    """A file's text; "" when it does not exist. Invalid UTF-8 is refused, as systemd does;
+    so are anything but a regular file (a fifo is not waited on) and more than
+    MAX_FILE_BYTES (safefs.read_input)."""
     try:
-        raw = path.read_bytes()
+        raw = safefs.read_input(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         return ""
     except PermissionError:
         raise AipbxError(f"{path}: permission denied", hint="run as root") from None
+    except safefs.BadInput as e:
+        raise UsageError(e.message, hint=f"make {path} a regular file again") from None
     try:
         return raw.decode()
     except UnicodeDecodeError as e:

@@ -14,6 +14,10 @@ tools itself; `aipbxctl backup` as root runs them through `runuser -u postgres`.
 through PostgreSQL's local socket with peer authentication, never through PgBouncer
 (appliance.pgtools).
 
+The backup directory is postgres's: root (aipbxctl) never follows a link in it. The lock,
+a new backup and a sidecar are opened O_NOFOLLOW (appliance.safefs) and changed through their
+fd, and what root reads there is bounded and must be a regular file.
+
 The outcome of scheduled and manual backups is kept in /var/lib/aipbx/backup-status.json
 (written by root: by `aipbxctl backup`, or by the unit's privileged ExecStopPost=), which
 the watchdog's `backup` check reads; a failure is also logged at error priority."""
@@ -21,17 +25,18 @@ the watchdog's `backup` check reads; a failure is also logged at error priority.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance import safefs
 from appliance.config import Config
 from appliance.errors import AipbxError, CommandError, UsageError
 from appliance.fsutil import atomic_write, fsync_dir, locked
@@ -46,6 +51,7 @@ PARTIAL = ".partial"
 LOCK_NAME = ".lock"
 LAST_RUN = ".last-run.json"  # what the unprivileged unit tells its ExecStopPost
 STATUS_NAME = "backup-status.json"
+META_LIMIT = 64 << 10  # a sidecar is a few hundred bytes
 UNIT = "aipbx-backup.service"
 TIMER = "aipbx-backup.timer"
 # The timer runs daily: a newest good backup older than this is a WARNING.
@@ -179,9 +185,11 @@ def human_age(seconds: float) -> str:
 
 
 def read_meta(dump: Path) -> Mapping[str, Any] | None:
+    """The sidecar of dump; None when there is none, or it is not a small regular JSON file
+    (a link, a fifo, a device: not read)."""
     try:
-        data = json.loads(meta_path(dump).read_text())
-    except (OSError, ValueError):
+        data = json.loads(safefs.read_input(meta_path(dump), META_LIMIT))
+    except (OSError, ValueError, AipbxError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -201,10 +209,10 @@ def list_backups(directory: Path) -> list[Backup]:
         if p.name.startswith(".") or not p.name.endswith(SUFFIX):
             continue
         try:
-            st = p.stat()
+            st = p.lstat()  # a link (postgres may plant one) is not a backup
         except FileNotFoundError:
             continue
-        if not os.path.isfile(p):
+        if not stat.S_ISREG(st.st_mode):
             continue
         out.append(Backup(p, st.st_size, st.st_mtime, read_meta(p)))
     return sorted(out, key=lambda b: (b.mtime, b.name))
@@ -225,11 +233,11 @@ def find_pre_upgrade(directory: Path, release: str) -> Backup | None:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    fd = safefs.open_input(path)
+    try:
+        return safefs.sha256_fd(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -244,14 +252,26 @@ class Verified:
 def verify_file(path: Path, *, meta: Mapping[str, Any] | None = None) -> Verified:
     """Refuse a file that is not a whole pg_dump -Fc archive: its size and sha256 against
     the sidecar (when there is one), `pg_restore --list`, then a full read of every data
-    block into /dev/null (a truncated or corrupt block fails only here)."""
+    block into /dev/null (a truncated or corrupt block fails only here). The file is opened
+    once (a regular file, through no link another user owns: safefs.open_input) and every
+    check reads that open file."""
     try:
-        size = path.stat().st_size
+        fd = safefs.open_input(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file", hint="`aipbxctl backups` lists them") from None
     except OSError as e:
         raise UsageError(f"{path}: {e.strerror}") from None
-    if not path.is_file():
-        raise UsageError(f"{path}: not a regular file")
-    digest = sha256_of(path)
+    try:
+        return verify_fd(fd, path, meta=meta)
+    finally:
+        os.close(fd)
+
+
+def verify_fd(fd: int, path: Path, *, meta: Mapping[str, Any] | None = None) -> Verified:
+    """verify_file of an open regular file (read from its start; `path` names it)."""
+    size = os.fstat(fd).st_size
+    os.lseek(fd, 0, os.SEEK_SET)
+    digest = safefs.sha256_fd(fd)
     checksum: bool | None = None
     if meta is not None and meta.get("sha256"):
         if meta.get("bytes") != size or meta.get("sha256") != digest:
@@ -264,8 +284,10 @@ def verify_file(path: Path, *, meta: Mapping[str, Any] | None = None) -> Verifie
         checksum = True
     hint = "the file is not a complete pg_dump -Fc archive; choose another backup"
     try:
-        listing = pg_run(["pg_restore", "--list"], stdin=path, hint=hint).stdout.decode()
-        pg_run(["pg_restore", "-f", "/dev/null"], stdin=path, hint=hint)
+        os.lseek(fd, 0, os.SEEK_SET)
+        listing = pg_run(["pg_restore", "--list"], stdin=fd, hint=hint).stdout.decode()
+        os.lseek(fd, 0, os.SEEK_SET)
+        pg_run(["pg_restore", "-f", "/dev/null"], stdin=fd, hint=hint)
     except CommandError as e:
         raise UsageError(f"{path} is damaged: {e.message}", hint=hint) from e
     lines = [ln for ln in listing.splitlines() if ln.strip() and not ln.startswith(";")]
@@ -289,21 +311,25 @@ def dir_lock(directory: Path, *, wait: float = 0) -> contextlib.AbstractContextM
 
 
 def ensure_dir(directory: Path) -> None:
-    """The backup directory, 0700 postgres:postgres (tmpfiles makes the default one)."""
-    if directory.is_dir():
+    """The backup directory, 0700 postgres:postgres when it is made here (tmpfiles makes the
+    default one). Through no link another user owns: one is refused, never followed."""
+    try:
+        os.close(safefs.open_input_dir(directory))
         return
+    except FileNotFoundError:
+        pass
+    except (safefs.Unsafe, OSError) as e:
+        raise BackupError(
+            f"{directory}: {getattr(e, 'message', None) or e}",
+            hint="[backups] dir must be a directory (postgres's), reached through no link "
+            "another user owns",
+        ) from None
     if os.geteuid() != 0:
         raise BackupError(f"{directory} does not exist", hint="run `aipbxctl setup` as root")
-    directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-    uid, gid = pg_ids()
-    os.chown(directory, uid, gid)
-    os.chmod(directory, 0o700)
-
-
-def _own(path: Path) -> None:
-    if os.geteuid() == 0:
-        uid, gid = pg_ids()
-        os.chown(path, uid, gid)
+    try:
+        os.close(safefs.make_dirs(directory, mode=0o700, owner=pg_ids()))
+    except safefs.Unsafe as e:
+        raise BackupError(f"cannot make the backup directory: {e.message}") from None
 
 
 def _remove_stale(directory: Path) -> list[str]:
@@ -364,6 +390,7 @@ def take_locked(
     """A backup, for a caller that holds dir_lock. Returns what was done; raises
     BackupError (after removing the partial file) when anything fails."""
     directory = backup_dir(cfg, paths)
+    root = os.geteuid() == 0
     _remove_stale(directory)
     started = time.time()
     dest = directory / file_name(kind, cfg.database.name, started, label)
@@ -381,11 +408,19 @@ def take_locked(
             )
         except CommandError as e:
             raise BackupError(f"pg_dump of {cfg.database.name} failed: {e.message}") from e
-        os.chmod(tmp, 0o600)
         dump_s = time.monotonic() - t0
         t1 = time.monotonic()
         try:
-            v = verify_file(tmp)
+            # pg_dump (postgres) made it in postgres's directory: opened, never followed.
+            fd = safefs.open_input(tmp)
+            try:
+                st = os.fstat(fd)
+                if st.st_nlink != 1 or (root and st.st_uid != pg_ids()[0]):
+                    raise UsageError(f"{tmp} is not the file pg_dump wrote (owner, links)")
+                os.fchmod(fd, 0o600)
+                v = verify_fd(fd, tmp)
+            finally:
+                os.close(fd)
         except UsageError as e:
             raise BackupError(f"the new backup failed its verification: {e.message}") from e
         meta = {
@@ -403,8 +438,14 @@ def take_locked(
         }
         verify_s = time.monotonic() - t1
         meta["verify_s"] = round(verify_s, 3)
-        atomic_write(meta_path(dest), json.dumps(meta, indent=2, sort_keys=True) + "\n", mode=0o600)
-        _own(meta_path(dest))
+        uid, gid = pg_ids() if root else (-1, -1)  # given through the new file's fd
+        atomic_write(
+            meta_path(dest),
+            json.dumps(meta, indent=2, sort_keys=True) + "\n",
+            mode=0o600,
+            uid=uid,
+            gid=gid,
+        )
         t2 = time.monotonic()
         os.replace(tmp, dest)
         fsync_dir(directory)

@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from appliance import safefs
 from appliance.backup import (
     DAILY,
     LAST_RUN,
+    META_LIMIT,
     SCHEMA,
     STALE_AFTER_S,
     UNIT,
@@ -23,6 +25,7 @@ from appliance.backup import (
     status_path,
 )
 from appliance.config import Config
+from appliance.errors import AipbxError
 from appliance.fsutil import atomic_write
 from appliance.paths import Paths
 
@@ -94,8 +97,9 @@ def record_unit_result(paths: Paths, cfg: Config, env: Mapping[str, str]) -> dic
     directory = backup_dir(cfg, paths)
     invocation = env.get("INVOCATION_ID", "")
     try:
-        run_doc = json.loads((directory / LAST_RUN).read_text())
-    except (OSError, ValueError):
+        # postgres wrote it, in postgres's directory: a regular file, never a link, bounded.
+        run_doc = json.loads(safefs.read_input(directory / LAST_RUN, META_LIMIT))
+    except (OSError, ValueError, AipbxError, RecursionError):
         run_doc = {}
     if not isinstance(run_doc, dict) or run_doc.get("invocation") != invocation:
         run_doc = {}

@@ -4,8 +4,12 @@ README in step."""
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from typing import NoReturn
 
 from appliance import __version__
+from appliance.validate import MAX_DURATION_S
 
 DESCRIPTION = """\
 Run and operate the aiPBX appliance: nginx, PostgreSQL, PgBouncer and the backend's
@@ -15,8 +19,49 @@ exit codes: 0 ok, 1 an operation failed, 2 bad input (arguments, aipbx.toml),
 3 another change holds the lock, 4 not set up yet, 5 doctor found problems"""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line and a hint, exit 2 (not argparse's usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("aipbxctl").strip()
+        print(f"aipbxctl: {where + ': ' if where else ''}{message}", file=sys.stderr)
+        print(f"hint: {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def seconds(text: str) -> float:
+    """A duration on the command line: a finite number of seconds, 0 or more, at most a
+    year (`--drain inf`, `--probation nan`, `--health-timeout -5` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number, 0 or more")
+    if value > MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be at most a year")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be more than 0")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="aipbxctl",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -52,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
         help="all (default), backend, watchdog, nginx, postgresql, pgbouncer, aipbxctl",
     )
     lg.add_argument("-f", "--follow", action="store_true", help="follow new entries")
-    lg.add_argument("-n", "--lines", type=int, help="show the last N entries")
+    lg.add_argument("-n", "--lines", type=count, help="show the last N entries")
 
     r = sub.add_parser("release", help="release artifacts")
     rsub = r.add_subparsers(dest="release_command", metavar="ACTION", required=True)
@@ -201,7 +246,13 @@ def parser() -> argparse.ArgumentParser:
     mm = mgsub.add_parser(
         "mark", help="record SQL files as handled by hand (marked), without running them"
     )
-    mm.add_argument("files", nargs="+", metavar="FILE", help="a file name of the release's SQL dir")
+    mm.add_argument("files", nargs="*", metavar="FILE", help="a file name of the release's SQL dir")
+    mm.add_argument(
+        "--all",
+        action="store_true",
+        help="every file of the release (a database that came from before the appliance and "
+        "already has them)",
+    )
     mm.add_argument(
         "--release", help="an installed version or release dir (default: the newest with SQL)"
     )
@@ -215,21 +266,21 @@ def parser() -> argparse.ArgumentParser:
 def _rollout_options(p: argparse.ArgumentParser, *, restore_db: bool = True) -> None:
     p.add_argument(
         "--probation",
-        type=float,
+        type=seconds,
         metavar="S",
         help="seconds the new color must stay healthy after the switch "
         "(default: [upgrade] probation)",
     )
     p.add_argument(
         "--drain",
-        type=float,
+        type=seconds,
         metavar="S",
         help="seconds the old color may keep WebSocket connections and calls "
         "(default: [upgrade] drain)",
     )
     p.add_argument(
         "--health-timeout",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="seconds the new color has to become healthy (default: the manifest's)",
     )

@@ -1,8 +1,11 @@
 """aipbx.toml, parsed and validated once into frozen dataclasses.
 
 Every section is a dataclass; a field's metadata may name a validator from
-appliance.validate. Unknown keys, wrong types and bad values are reported as
-`file:line: what is wrong`, all at once, and nothing is applied."""
+appliance.validate, and every integer has a range (validate.int_range). Unknown keys, wrong
+types and bad values are reported as `file:line: what is wrong`, all at once, and nothing
+is applied. No string may hold a control character (a trailing newline included). The file
+is read as a regular file of at most MAX_BYTES, UTF-8 (a fifo, a device, a directory or
+another user's link is refused, never waited on)."""
 
 from __future__ import annotations
 
@@ -15,14 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance import safefs
 from appliance import validate as v
 from appliance.acme import acme_url
 from appliance.errors import ConfigError
 from appliance.tomlpos import key_lines, line_of
 
+MAX_BYTES = 1 << 20  # the shipped file is 6 KiB
+
 
 def _check(fn: Callable[[Any], Any]) -> dict[str, Any]:
     return {"check": fn}
+
+
+def _in(lo: int, hi: int, what: str = "") -> dict[str, Any]:
+    return _check(v.int_range(lo, hi, what))
 
 
 @dataclass(frozen=True)
@@ -45,9 +55,9 @@ class Nginx:
     service_bind: str = field(default="127.0.0.1", metadata=_check(v.ip_address))
     client_max_body_size: str = field(default="50m", metadata=_check(v.size))
     api_rate: str = field(default="10r/s", metadata=_check(v.rate))
-    api_burst: int = 20
+    api_burst: int = field(default=20, metadata=_in(1, 100_000))
     login_rate: str = field(default="3r/m", metadata=_check(v.rate))
-    login_burst: int = 5
+    login_burst: int = field(default=5, metadata=_in(1, 100_000))
     # Clients never rate-limited (monitoring, local tools, load tests on loopback).
     rate_limit_exempt: tuple[str, ...] = ("127.0.0.1", "::1")
     # How long old workers may keep WebSocket connections after a reload (the drain).
@@ -60,7 +70,7 @@ class Backend:
     ws_port: int = field(default=3033, metadata=_check(v.port))
     udp_port: int = field(default=3032, metadata=_check(v.port))
     # docker-compose.production.yml limits of seed 003: backend 2G, 2 CPUs
-    memory_max: str = field(default="2g", metadata=_check(v.size))
+    memory_max: str = field(default="2g", metadata=_check(v.memory_limit))
     cpu_quota: str = field(default="200%", metadata=_check(v.cpu_quota))
 
 
@@ -74,8 +84,9 @@ class Network:
 class Database:
     name: str = field(default="aipbx_production", metadata=_check(v.identifier))
     user: str = field(default="aipbx_user", metadata=_check(v.identifier))
-    pool_size: int = 20
-    max_client_conn: int = 500
+    pool_size: int = field(default=20, metadata=_in(1, 1000))
+    # aipbx-pgbouncer.service has LimitNOFILE=8192: a client and a server fd each
+    max_client_conn: int = field(default=500, metadata=_in(1, 8000, "PgBouncer's file limit"))
     pgbouncer_port: int = field(default=6432, metadata=_check(v.port))
     # Debian's PostgreSQL cluster, reached by PgBouncer on loopback
     postgres_port: int = field(default=5432, metadata=_check(v.port))
@@ -85,7 +96,7 @@ class Database:
 
 @dataclass(frozen=True)
 class Releases:
-    keep: int = 5
+    keep: int = field(default=5, metadata=_in(1, 100))
     max_unpacked_size: str = field(default="4g", metadata=_check(v.size))
 
 
@@ -94,18 +105,6 @@ class Upgrade:
     health_timeout: str = field(default="120s", metadata=_check(v.duration_seconds))
     probation: str = field(default="60s", metadata=_check(v.duration_seconds))
     drain: str = field(default="30m", metadata=_check(v.duration_seconds))
-
-
-def _at_least_1(n: int) -> int:
-    if n < 1:
-        raise ValueError(f"{n} must be at least 1")
-    return n
-
-
-def _absolute_dir(d: str) -> str:
-    if not d.startswith("/") or any(c.isspace() for c in d) or "/../" in f"{d}/":
-        raise ValueError(f"{d!r} is not an absolute directory path (no spaces, no ..)")
-    return d.rstrip("/") or "/"
 
 
 def _hh_mm(t: str) -> str:
@@ -120,17 +119,11 @@ def _hh_mm(t: str) -> str:
 @dataclass(frozen=True)
 class Backups:
     # pg_dump -Fc files (0600 postgres), each verified before it gets its final name.
-    dir: str = field(default="/var/backups/aipbx", metadata=_check(_absolute_dir))
+    dir: str = field(default="/var/backups/aipbx", metadata=_check(v.backup_dir))
     # Backups older than this are deleted after a good backup; the newest good one never.
-    retention_days: int = field(default=30, metadata=_check(_at_least_1))
+    retention_days: int = field(default=30, metadata=_in(1, 3650))
     # When aipbx-backup.timer runs every day, in UTC.
     time: str = field(default="03:00", metadata=_check(_hh_mm))
-
-
-def _percent(n: int) -> int:
-    if not 1 <= n <= 99:
-        raise ValueError(f"{n} is not a percentage between 1 and 99")
-    return n
 
 
 def _bind_address(a: str) -> str:
@@ -159,21 +152,21 @@ class Watchdog:
     interval: str = field(default="2s", metadata=_check(v.duration_seconds))
     timeout: str = field(default="2s", metadata=_check(v.duration_seconds))
     slow_threshold: str = field(default="1s", metadata=_check(v.duration_seconds))
-    failures_to_open: int = field(default=3, metadata=_check(_at_least_1))
+    failures_to_open: int = field(default=3, metadata=_in(1, 100))
     # Time an opened breaker waits (the unit is restarting) before one probe decides.
     cooldown: str = field(default="15s", metadata=_check(v.duration_seconds))
     backoff_initial: str = field(default="1s", metadata=_check(v.duration_seconds))
     backoff_max: str = field(default="5m", metadata=_check(v.duration_seconds))
-    restart_budget: int = field(default=5, metadata=_check(_at_least_1))
+    restart_budget: int = field(default=5, metadata=_in(1, 1000))
     restart_window: str = field(default="10m", metadata=_check(v.duration_seconds))
     critical_after: str = field(default="60s", metadata=_check(v.duration_seconds))
     api_port: int = field(default=6030, metadata=_check(v.port))
     api_bind: str = field(default="127.0.0.1", metadata=_check(_bind_address))
-    disk_warn_pct: int = field(default=10, metadata=_check(_percent))
-    disk_crit_pct: int = field(default=5, metadata=_check(_percent))
-    memory_warn_pct: int = field(default=90, metadata=_check(_percent))
-    cert_warn_days: int = field(default=14, metadata=_check(_at_least_1))
-    cert_crit_days: int = field(default=3, metadata=_check(_at_least_1))
+    disk_warn_pct: int = field(default=10, metadata=_in(1, 99, "a percentage"))
+    disk_crit_pct: int = field(default=5, metadata=_in(1, 99, "a percentage"))
+    memory_warn_pct: int = field(default=90, metadata=_in(1, 99, "a percentage"))
+    cert_warn_days: int = field(default=14, metadata=_in(1, 365))
+    cert_crit_days: int = field(default=3, metadata=_in(1, 365))
 
 
 @dataclass(frozen=True)
@@ -189,8 +182,8 @@ class Alerts:
     smtp_user: str = ""
     smtp_from: str = field(default="", metadata=_check(v.email))
     smtp_to: tuple[str, ...] = field(default=(), metadata=_check(_emails))
-    rate_limit_per_min: int = field(default=20, metadata=_check(_at_least_1))
-    queue_size: int = field(default=100, metadata=_check(_at_least_1))
+    rate_limit_per_min: int = field(default=20, metadata=_in(1, 10_000))
+    queue_size: int = field(default=100, metadata=_in(1, 100_000))
     send_timeout: str = field(default="10s", metadata=_check(v.duration_seconds))
 
 
@@ -239,9 +232,6 @@ def duration_ms(duration: str) -> int:
     return v.duration_seconds(duration) * 1000
 
 
-_POSITIVE = {("database", "pool_size"), ("database", "max_client_conn"), ("releases", "keep")}
-
-
 def _type_ok(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
@@ -281,15 +271,19 @@ def _build_section(
             continue
         if isinstance(value, list):
             value = tuple(value)
+        try:
+            for s in value if isinstance(value, tuple) else (value,):
+                if isinstance(s, str):
+                    v.no_control(s)
+        except ValueError as e:
+            errors.append(f"{where(path)}: {name}.{key}: {e}")
+            continue
         if "check" in f.metadata:
             try:
                 f.metadata["check"](value)
             except ValueError as e:
                 errors.append(f"{where(path)}: {name}.{key}: {e}")
                 continue
-        if path in _POSITIVE and value < 1:
-            errors.append(f"{where(path)}: {name}.{key} must be at least 1")
-            continue
         values[key] = value
     return cls(**values), errors
 
@@ -328,6 +322,8 @@ def parse(text: str, filename: str = "aipbx.toml") -> Config:
             line = int(msg.split("(at line ")[1].split(",")[0])
             msg = msg.split(" (at line ")[0]
         raise ConfigError(f"{filename}:{line}: {msg}", hint="fix the TOML syntax") from None
+    except RecursionError:  # arrays or inline tables nested thousands deep
+        raise ConfigError(f"{filename}:1: nested too deeply", hint="fix the TOML") from None
     lines = key_lines(text)
 
     def where(path: tuple[str, ...]) -> str:
@@ -355,14 +351,30 @@ def parse(text: str, filename: str = "aipbx.toml") -> Config:
     return cfg
 
 
-def load(path: Path) -> Config:
+def read_text(path: Path) -> str:
+    """aipbx.toml's text: a regular UTF-8 file of at most MAX_BYTES (ConfigError, exit 2,
+    as `file:line: what is wrong`, otherwise)."""
     try:
-        text = path.read_text()
+        raw = safefs.read_input(path, MAX_BYTES)
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: not found", hint="reinstall aipbx-appliance to restore the default file"
         ) from None
-    return parse(text, str(path))
+    except safefs.BadInput as e:
+        raise ConfigError(f"{path}:1: {e.message.removeprefix(f'{path}: ')}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}:1: {e.strerror}") from None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start})", hint=f"fix {path}"
+        ) from None
+
+
+def load(path: Path) -> Config:
+    return parse(read_text(path), str(path))
 
 
 def check_host(cfg: Config, path: Path, routes: list[dict[str, Any]]) -> None:
@@ -371,7 +383,10 @@ def check_host(cfg: Config, path: Path, routes: list[dict[str, Any]]) -> None:
 
     found = clashes(cfg.network.subnet, routes)
     if found:
-        line = line_of(key_lines(path.read_text()), ("network", "subnet")) if path.exists() else 1
+        try:
+            line = line_of(key_lines(read_text(path)), ("network", "subnet"))
+        except ConfigError:
+            line = 1
         raise ConfigError(
             f"{path}:{line}: network.subnet {cfg.network.subnet} overlaps the host's route "
             f"{', '.join(found)}",

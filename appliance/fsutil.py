@@ -7,12 +7,13 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.errors import LockedError
+from appliance.errors import AipbxError, LockedError
 
 
 def fsync_dir(path: Path) -> None:
@@ -92,12 +93,16 @@ def locked(
 ) -> Iterator[None]:
     """Hold an exclusive flock for a mutation; refuse if another holds it (after `wait`
     seconds). `owner` (uid, gid) is given to the lock file so that another user's process
-    (a service) shares the same lock."""
+    (a service) shares the same lock. The lock may live in a directory that user can write
+    (the backup directory): it is opened without following a link, and only a regular file
+    with one name is given to `owner` (through its fd), so a link or hard link planted at
+    its name never hands another file over; such a lock file is refused."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open_lock(lock_path)
     deadline = time.monotonic() + wait
     try:
-        if owner is not None:
+        st = os.fstat(fd)
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
             os.fchown(fd, *owner)
         while True:
             try:
@@ -115,6 +120,31 @@ def locked(
         yield
     finally:
         os.close(fd)
+
+
+def _open_lock(lock_path: Path) -> int:
+    """The lock file's fd: a regular file with one link, opened O_NOFOLLOW (created when
+    missing); anything else there is refused with what to remove."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    hint = f"something else than aipbxctl put it there: look at it, remove it (rm {lock_path})"
+    try:
+        fd = os.open(lock_path, flags, 0o600)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise AipbxError(
+                f"{lock_path}: a symlink or not a regular file; refused (not followed)", hint=hint
+            ) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = (
+            f"a file with {st.st_nlink} names (hard links)"
+            if stat.S_ISREG(st.st_mode)
+            else "not a regular file"
+        )
+        raise AipbxError(f"{lock_path}: {what}; refused", hint=hint)
+    return fd
 
 
 def lock_held(lock_path: Path, proc_locks: str | None = None) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from appliance.launcher import backend_env
 from appliance.paths import Paths
 from appliance.releases import SERVICE_USER, Installed
 from appliance.run import masked, run_as
+from appliance.safefs import remove_tree
 
 log = logging.getLogger("aipbx.migrate")
 
@@ -117,7 +117,8 @@ def run_migration(
         code, output = _run(list(rel.manifest.migrate), rel.path, env, timeout, hidden)
         took = time.monotonic() - t0
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        # The migration (_aipbx) wrote there: removed without recursion or following a link.
+        remove_tree(home, ignore_errors=True)
     for line in output.splitlines()[-200:]:
         log.info("migration of %s: %s", rel.dirname, line, extra={"fields": {"action": "migrate"}})
     if code == 0:

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from appliance.colors import Color, color_net
 from appliance.config import Database
+
+LOOPBACK = "127.0.0.1"
+
+
+def listen_addrs(subnet: str) -> list[tuple[str, Color | None]]:
+    """Where PgBouncer listens: loopback for local tools, and the host end of each color's
+    veth for the backends (None: not a color's, always on the host)."""
+    return [(LOOPBACK, None)] + [(color_net(subnet, c).host_addr, c) for c in Color]
 
 
 def render_ini(db: Database, *, listen: Sequence[str], userlist: str) -> str:

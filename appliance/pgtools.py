@@ -47,12 +47,12 @@ def as_postgres(argv: Sequence[str]) -> list[str]:
 def pg_run(
     argv: Sequence[str],
     *,
-    stdin: Path | None = None,
+    stdin: Path | int | None = None,
     timeout: float | None = 6 * 3600,
     hint: str | None = None,
 ) -> CompletedProcess[bytes]:
     """Run a pg tool as postgres, binary output captured; `stdin` is opened here (as root
-    when we are root). Raises CommandError."""
+    when we are root), or an fd opened by the caller. Raises CommandError."""
     return run_bytes(as_postgres(argv), stdin=stdin, timeout=timeout, hint=hint)
 
 

@@ -1,27 +1,36 @@
 """Installed releases under /opt/aipbx/releases (DESIGN decision 5): install an artifact
 (verify, unpack, link the shared dirs), list them, and remove the old ones beyond `keep`
-that no color runs."""
+that no color runs.
+
+A release is immutable and named NAME-VERSION; it records the sha256 of the artifact it was
+unpacked from. Installing an artifact whose release is already there reuses it only when
+it is the same artifact: another one with the same name and version is refused (exit 2).
+A release installed before releases kept that record is reused when the artifact's
+manifest is byte for byte the installed one, with a warning (docs/DECISIONS.md §8)."""
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import shared, validate
+from appliance import safefs, shared, validate
 from appliance.config import Config
 from appliance.errors import UsageError
 from appliance.paths import Paths
+from appliance.release import archive
 from appliance.release.checksum import verify
 from appliance.release.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     Manifest,
     load_manifest,
     parse_manifest,
 )
-from appliance.release.unpack import unpack
+from appliance.release.unpack import recorded_sha256, unpack
+
+log = logging.getLogger("aipbx.releases")
 
 SERVICE_USER = shared.SERVICE_USER
 
@@ -36,19 +45,30 @@ class Installed:
 
 def peek_manifest(artifact: Path) -> Manifest:
     """The manifest, which `release pack` puts first in the artifact, without unpacking."""
+    return parse_manifest(peek_manifest_text(artifact), f"{artifact}:{MANIFEST_NAME}")
+
+
+def peek_manifest_text(artifact: Path) -> str:
+    """The manifest's text, read from the artifact's first member (bounded, UTF-8)."""
+    with archive.open_artifact(artifact) as art:
+        first = art.tar.next()
+        if first is None or first.name.lstrip("./") != MANIFEST_NAME or not first.isfile():
+            raise UsageError(
+                f"{artifact}: {MANIFEST_NAME} is not the first member",
+                hint="build artifacts with `aipbxctl release pack`",
+            )
+        if first.size > MAX_MANIFEST_BYTES:
+            raise UsageError(f"{artifact}: {MANIFEST_NAME} larger than {MAX_MANIFEST_BYTES} bytes")
+        f = art.tar.extractfile(first)
+        assert f is not None
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
     try:
-        with tarfile.open(artifact, mode="r|gz") as tar:
-            first = tar.next()
-            if first is None or first.name.lstrip("./") != MANIFEST_NAME or not first.isfile():
-                raise UsageError(
-                    f"{artifact}: {MANIFEST_NAME} is not the first member",
-                    hint="build artifacts with `aipbxctl release pack`",
-                )
-            f = tar.extractfile(first)
-            assert f is not None
-            return parse_manifest(f.read(65536).decode(), f"{artifact}:{MANIFEST_NAME}")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UsageError(f"{artifact}: not a readable .tar.gz ({e})") from None
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{artifact}:{MANIFEST_NAME}: not UTF-8 text (byte {e.start})",
+            hint="build artifacts with `aipbxctl release pack`",
+        ) from None
 
 
 def link_shared(paths: Paths, release: Path, m: Manifest) -> None:
@@ -57,22 +77,78 @@ def link_shared(paths: Paths, release: Path, m: Manifest) -> None:
     shared.link(paths, release, m)
 
 
-def install(paths: Paths, cfg: Config, artifact: Path, *, key: Path | None = None) -> Installed:
-    """Verify and unpack an artifact; an already installed version is reused (releases are
-    immutable: the same name-version is the same tree)."""
-    if not artifact.is_file():
-        raise UsageError(f"{artifact}: no such file")
-    verify(artifact, key=key)
-    m = peek_manifest(artifact)
+def install(
+    paths: Paths,
+    cfg: Config,
+    artifact: Path,
+    *,
+    key: Path | None = None,
+    digest: str | None = None,
+) -> Installed:
+    """Verify and unpack an artifact (`digest`: already verified by the caller, its sha256);
+    an installed release of the same name-version is reused only when it came from this
+    very artifact (see the module doc)."""
+    if digest is None:
+        digest = verify(artifact, key=key)
+    text = peek_manifest_text(artifact)
+    m = parse_manifest(text, f"{artifact}:{MANIFEST_NAME}")
     paths.releases.mkdir(parents=True, exist_ok=True)
     existing = paths.releases / m.release_dirname
     if existing.is_dir():
+        check_same(existing, artifact, digest, text)
         return get(paths, m.release_dirname)
     path = unpack(
-        artifact, paths.releases, max_bytes=validate.size_bytes(cfg.releases.max_unpacked_size)
+        artifact,
+        paths.releases,
+        max_bytes=validate.size_bytes(cfg.releases.max_unpacked_size),
+        sha256=digest,
     )
     link_shared(paths, path, m)
     return get(paths, path.name)
+
+
+def same_artifact(recorded: str | None, digest: str, installed_text: str, text: str) -> str:
+    """Pure: whether an artifact (sha256 `digest`, manifest `text`) is the one an installed
+    release came from: "same", "other", or "unrecorded-same" (installed before releases
+    recorded their artifact, and the manifests are the same bytes)."""
+    if recorded is not None:
+        return "same" if recorded == digest else "other"
+    return "unrecorded-same" if installed_text == text else "other"
+
+
+def check_same(existing: Path, artifact: Path, digest: str, text: str) -> None:
+    """Refuse (exit 2) an artifact with the name and version of an installed release but
+    other content."""
+    recorded = recorded_sha256(existing)
+    try:
+        installed_text = safefs.read_input_text(existing / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    except (OSError, UsageError):
+        installed_text = ""
+    verdict = same_artifact(recorded, digest, installed_text, text)
+    if verdict == "same":
+        return
+    if verdict == "unrecorded-same":
+        log.warning(
+            "%s was installed before releases recorded their artifact: its manifest is the "
+            "same as %s's, so it is reused as it is (sha256 of this artifact %s…; not "
+            "compared file by file)",
+            existing.name,
+            artifact.name,
+            digest[:16],
+            extra={"fields": {"action": "install", "release": existing.name}},
+        )
+        return
+    was = (
+        f"from an artifact with sha256 {recorded[:16]}…"
+        if recorded
+        else "before releases recorded their artifact, with another manifest"
+    )
+    raise UsageError(
+        f"{existing.name} is already installed ({was}); {artifact.name} (sha256 "
+        f"{digest[:16]}…) has the same name and version but other content: refused",
+        hint="a release is immutable: pack the new build with a new version "
+        "(`aipbxctl release pack --version`)",
+    )
 
 
 def get(paths: Paths, dirname: str) -> Installed:
@@ -128,14 +204,27 @@ def to_remove(
     return out
 
 
+LEFTOVERS = (".unpack-", ".remove-")  # what an interrupted unpack or gc leaves
+
+
 def gc(
     paths: Paths, keep: int, in_use: set[str], failed: frozenset[str] = frozenset()
 ) -> list[str]:
+    """Remove the releases beyond `keep` (to_remove), and what an interrupted unpack or gc
+    left (the caller holds the mutation lock: nothing else unpacks meanwhile). A tree is
+    removed iteratively, at any depth (safefs.remove_tree)."""
     removed = []
     for r in to_remove(installed(paths), keep, in_use, failed):
         # Rename first: a half-removed tree never looks like a release.
         doomed = paths.releases / f".remove-{r.dirname}"
         os.rename(r.path, doomed)
-        shutil.rmtree(doomed)
+        safefs.remove_tree(doomed)
         removed.append(r.dirname)
+    try:
+        with os.scandir(paths.releases) as it:
+            stale = [e.name for e in it if e.name.startswith(LEFTOVERS)]
+    except FileNotFoundError:
+        stale = []
+    for name in stale:
+        safefs.remove_tree(paths.releases / name, ignore_errors=True)
     return removed

@@ -18,13 +18,14 @@ starts, and the row count of every table is reported."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import backup, health, nginx, pgtools, releases, state
+from appliance import backup, health, nginx, pgtools, releases, safefs, state
 from appliance.colors import Color, color_net
 from appliance.config import Config
 from appliance.errors import AipbxError, UsageError
@@ -69,16 +70,20 @@ class Steps:
 def resolve(paths: Paths, cfg: Config, name: str) -> Path:
     """A path as given, or the name of a file in the backup directory."""
     p = Path(name)
-    if p.exists() or "/" in name:
+    if os.path.lexists(p) or "/" in name:
         return p.absolute()
     candidate = backup.backup_dir(cfg, paths) / name
-    return candidate if candidate.exists() else p.absolute()
+    return candidate if os.path.lexists(candidate) else p.absolute()
 
 
 def check(path: Path) -> backup.Verified:
-    """Refuse (UsageError, nothing touched) anything but a complete pg_dump -Fc archive."""
-    if not path.exists():
-        raise UsageError(f"{path}: no such file", hint="`aipbxctl backups` lists the backups")
+    """Refuse (UsageError, nothing touched) anything but a complete pg_dump -Fc archive: a
+    regular file reached through no link another user owns (a fifo, a device, postgres's
+    link in the backup directory are refused before anything is read)."""
+    if not os.path.lexists(path):
+        raise UsageError(
+            f"{safefs.shown(path)}: no such file", hint="`aipbxctl backups` lists the backups"
+        )
     meta = backup.read_meta(path)
     return backup.verify_file(path, meta=meta)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from appliance.errors import CommandError
+from appliance.safefs import open_input
 
 log = logging.getLogger("aipbx.run")
 
@@ -113,10 +114,22 @@ def _complete(
         raise _timed_out(shown, timeout, hint) from e
 
 
+def _stdin(stack: contextlib.ExitStack[Any], stdin: Path | int | None) -> int:
+    """The fd a command reads: a file opened here (closed with the stack), the caller's fd,
+    or /dev/null."""
+    if stdin is None:
+        return subprocess.DEVNULL
+    if isinstance(stdin, int):
+        return stdin
+    fd = open_input(stdin)
+    stack.callback(os.close, fd)
+    return fd
+
+
 def run_bytes(
     argv: Sequence[str],
     *,
-    stdin: Path | None = None,
+    stdin: Path | int | None = None,
     check: bool = True,
     env: Mapping[str, str] | None = None,
     cwd: str | Path | None = None,
@@ -125,16 +138,16 @@ def run_bytes(
     hint: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv, capturing binary output. `stdin` is opened here, by this process (so a
-    command that runs as another user needs no access to it); without it, /dev/null. `env`
+    command that runs as another user needs no access to it), as a regular file through no
+    link another user owns (safefs.open_input), or is an fd the caller opened (read from
+    its offset); without it, /dev/null. `env`
     is added to the current environment. On a failure the error text is stderr (or stdout
     when stderr is empty), decoded."""
     shown = masked(argv, secrets)
-    log.debug("+ %s%s", shlex.join(shown), f" < {stdin}" if stdin else "")
+    log.debug("+ %s%s", shlex.join(shown), f" < {stdin}" if stdin is not None else "")
     full_env = {**os.environ, **env} if env else None
     with contextlib.ExitStack() as stack:
-        src: IO[bytes] | int = (
-            stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
-        )
+        src = _stdin(stack, stdin)
         proc: subprocess.CompletedProcess[bytes] = _complete(
             argv, shown, timeout, hint, stdin=src, env=full_env, cwd=cwd
         )
@@ -283,7 +296,7 @@ def run_pipe(
     first: Sequence[str],
     second: Sequence[str],
     *,
-    stdin: Path | None = None,
+    stdin: Path | int | None = None,
     head: bytes = b"",
     tail: bytes = b"",
     secrets: Sequence[str] = (),
@@ -304,14 +317,15 @@ def run_pipe(
     their pipes closed (so what they started sees EOF or EPIPE)."""
     shown = (masked(first, secrets), masked(second, secrets))
     log.debug(
-        "+ %s%s | %s", shlex.join(shown[0]), f" < {stdin}" if stdin else "", shlex.join(shown[1])
+        "+ %s%s | %s",
+        shlex.join(shown[0]),
+        f" < {stdin}" if stdin is not None else "",
+        shlex.join(shown[1]),
     )
     deadline = _Deadline(timeout)
     procs: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as stack:
-        src: IO[bytes] | int = (
-            stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
-        )
+        src = _stdin(stack, stdin)
         errs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(2)]
         out = stack.enter_context(tempfile.TemporaryFile())
         streams: list[tuple[IO[bytes] | int, int, IO[bytes]]] = [

@@ -40,6 +40,7 @@ from appliance.errors import AipbxError, UsageError
 from appliance.fsutil import atomic_symlink, atomic_write
 from appliance.paths import Paths
 from appliance.release.manifest import Kind, Manifest
+from appliance.safefs import open_dir_at, sha256_fd
 
 log = logging.getLogger("aipbx.shared")
 
@@ -50,7 +51,6 @@ STORE = ".aipbx-shipped"
 RECORD_NAME = ".aipbx-shipped.json"
 RECORD_FORMAT = 1
 
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
 MAX_DEPTH = 256
 REFUSED_HINT = (
@@ -293,10 +293,6 @@ def repair_in_use(paths: Paths, *, owner: tuple[int, int] | None = None) -> list
     return out
 
 
-def _open_dir(name: str, dir_fd: int) -> int:
-    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-
-
 def _refused(where: Path | str, e: OSError) -> AipbxError:
     return AipbxError(
         f"{where}: a symlink or not a directory ({e.strerror}): refused", hint=REFUSED_HINT
@@ -307,7 +303,7 @@ def _dir(parent_fd: int, name: str, where: Path | str, owner: tuple[int, int]) -
     """A fd of directory `name` in parent_fd, created (0750, owner) when missing; a symlink
     or anything but a directory there is refused."""
     try:
-        return _open_dir(name, parent_fd)
+        return open_dir_at(name, parent_fd)
     except FileNotFoundError:
         pass
     except OSError as e:
@@ -317,7 +313,7 @@ def _dir(parent_fd: int, name: str, where: Path | str, owner: tuple[int, int]) -
     with contextlib.suppress(FileExistsError):  # made meanwhile: opened (and checked) below
         os.mkdir(name, 0o750, dir_fd=parent_fd)
     try:
-        fd = _open_dir(name, parent_fd)
+        fd = open_dir_at(name, parent_fd)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise _refused(where, e) from None
@@ -392,7 +388,7 @@ def _give_to_app(
             continue
         if stat.S_ISDIR(st.st_mode):
             try:
-                sub = _open_dir(name, dir_fd)
+                sub = open_dir_at(name, dir_fd)
             except OSError:
                 continue  # replaced meanwhile: not ours to follow
             try:
@@ -423,13 +419,6 @@ def _load_record(top_fd: int, where: Path, report: Report) -> Record:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         report.warn(f"{where}: unreadable ({e}); every shipped file counts as unrecorded")
         return {}
-
-
-def _sha256_fd(fd: int) -> str:
-    h = hashlib.sha256()
-    while chunk := os.read(fd, CHUNK):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -542,7 +531,7 @@ class _Shipper:
             now = os.fstat(fd)
             if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
                 return OTHER  # replaced meanwhile
-            return Found("file", _sha256_fd(fd))
+            return Found("file", sha256_fd(fd))
         finally:
             os.close(fd)
 

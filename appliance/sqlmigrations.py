@@ -654,10 +654,31 @@ def inspect(t: Target, rel: Installed) -> Prepared:
 
 
 def prepare(paths: Paths, cfg: Config, rel: Installed, t: Target | None = None) -> Prepared:
-    """inspect(), refusing a changed file: the upgrade's first database step."""
+    """inspect(), refusing a changed file and an unrecorded database: the upgrade's first
+    database step."""
     prep = inspect(t or target(paths, cfg), rel)
     refuse_changed(rel.dirname, prep.plan)
+    refuse_unrecorded(rel.dirname, prep.state, prep.plan)
     return prep
+
+
+def refuse_unrecorded(rel_name: str, st: DbState, p: Plan) -> None:
+    """Pure: a database that has the app's tables but no tracking table came from before
+    the appliance (a Docker deployment, a restore): it holds an unknown share of the files'
+    changes, and running them all could undo some (the real app ships one that drops and
+    recreates its operator_* tables). Nothing runs until the operator records what it has
+    (`migrations mark`, which creates the tracking table); then the rest run."""
+    if st.tracking or st.app_tables == 0 or not p.run:
+        return
+    raise UsageError(
+        f"{rel_name}: the database has {st.app_tables} table(s) of the app but no record of "
+        f"its SQL files ({QUALIFIED} does not exist): it came from before the appliance, "
+        f"and running all {len(p.run)} file(s) could redo or undo changes it already has. "
+        "Nothing was run or switched",
+        hint=f"record the files it already has: `aipbxctl migrations mark --all --release "
+        f"{rel_name}` when it is up to date, or `aipbxctl migrations mark FILE...` for some "
+        "(the others then run at the next upgrade); `aipbxctl migrations list` shows them",
+    )
 
 
 def execute(prep: Prepared, figures: dict[str, Any] | None = None) -> str:
@@ -795,8 +816,9 @@ def mark(
         name = Path(w).name
         if name not in by_name:
             assert rel.manifest.migrations is not None
+            shown = name if name.isprintable() and name else repr(w)
             raise UsageError(
-                f"{rel.dirname} ships no {name} in {rel.manifest.migrations.sql_dir}",
+                f"{rel.dirname} ships no {shown} in {rel.manifest.migrations.sql_dir}",
                 hint=f"`aipbxctl migrations list --release {rel.dirname}` lists its files",
             )
         if by_name[name] not in chosen:

@@ -182,7 +182,7 @@ def commit(paths: Paths, directory: Path, keep: int = 2) -> list[Path]:
     Returns what was removed."""
     with _lock(paths):
         atomic_symlink(directory.name, paths.tls_served / CURRENT)
-        dirs = [d for d in paths.tls_served.iterdir() if d.is_dir() and _DIR.match(d.name)]
+        dirs = [d for d in paths.tls_served.iterdir() if d.is_dir() and _DIR.fullmatch(d.name)]
         dirs.sort(key=lambda d: (d == directory, d.stat().st_mtime), reverse=True)
         gone = [d for d in dirs[keep:] if d != directory]
         for d in gone:

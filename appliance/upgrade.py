@@ -418,7 +418,7 @@ def upgrade(ctx: Ctx, artifact: Path, opts: Options) -> dict[str, Any]:
         except UsageError:
             ctx.tl.step(Step.ENV, f"refused {m.release_dirname}: required variables are missing")
             raise
-    rel = releases.install(ctx.paths, ctx.cfg, artifact)
+    rel = releases.install(ctx.paths, ctx.cfg, artifact, digest=digest)
     ctx.tl.step(Step.UNPACK, f"{rel.dirname} in {rel.path}")
     if rel.manifest.kind is Kind.FRONTEND:
         return deploy_frontend(ctx, rel)

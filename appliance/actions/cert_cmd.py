@@ -64,7 +64,7 @@ def issue(
     url = _arg("--server", server, cfg.site.acme_server, acme.acme_url)
     _need_root("issue")
     keys = {"domain": name, "email": mail} | ({"acme_server": url} if server is not None else {})
-    old_text = paths.config.read_text()
+    old_text = config_mod.read_text(paths.config)
     new_text = conffile.set_keys(old_text, "site", keys)
     new_cfg = config_mod.parse(new_text, f"{paths.config} (with the command-line options)")
     live = acme.lineage(paths, name)

@@ -82,6 +82,11 @@ def format_list(data: Mapping[str, Any]) -> str:
 
 
 def run_mark(paths: Paths, a: Mapping[str, Any]) -> dict[str, Any]:
+    if bool(a.get("all")) == bool(a["files"]):
+        raise UsageError(
+            "name the files to mark, or --all (not both)",
+            hint="aipbxctl migrations mark FILE... | aipbxctl migrations mark --all",
+        )
     cfg = config_mod.load(paths.config)
     rel, _live = choose_release(paths, a.get("release"))
     mig = rel.manifest.migrations
@@ -91,9 +96,12 @@ def run_mark(paths: Paths, a: Mapping[str, Any]) -> dict[str, Any]:
             hint="name a release that has them: --release VERSION",
         )
     files = sqlmigrations.release_files(rel.path, mig)
+    wanted = list(a["files"])
+    if a.get("all"):
+        wanted = [f.name for f in files]
     t = sqlmigrations.target(paths, cfg)
     with locked(paths.lock, "change"):
-        done = sqlmigrations.mark(t, rel, files, list(a["files"]))
+        done = sqlmigrations.mark(t, rel, files, wanted)
     audit(
         "migrations mark",
         "ok" if done["marked"] else "unchanged",

@@ -75,7 +75,14 @@ def collect(paths: Paths, services: Services) -> dict[str, Any]:
 def format_health(health: dict[str, Any] | None) -> list[str]:
     if health is None:
         return ["health:     unknown (the watchdog's /system-health does not answer)"]
-    lines = [f"health:     {health.get('status', '?')} (as the watchdog sees it)", ""]
+    lines = [f"health:     {health.get('status', '?')} (as the watchdog sees it)"]
+    own = health.get("watchdog") or {}
+    if own.get("state", "ok") != "ok":
+        lines.append(
+            f"watchdog:   {own.get('state')} since {own.get('since')}: {own.get('error', '')}; "
+            "it restarts nothing until it can check again"
+        )
+    lines.append("")
     lines.append(f"{'CHECK':14} {'STATE':9} {'BREAKER':10} {'LATENCY':>9}  ERROR")
     for name, c in (health.get("checks") or {}).items():
         ms = c.get("latency_ms")

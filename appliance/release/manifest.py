@@ -3,7 +3,9 @@ validated once into a frozen Manifest. Every problem is a UsageError naming the 
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -325,17 +327,24 @@ def parse_manifest(text: str, source: str = MANIFEST_NAME) -> Manifest:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{source}: not valid TOML: {e}", hint="fix the manifest") from None
+    except RecursionError:  # arrays or inline tables nested thousands deep
+        raise UsageError(f"{source}: nested too deeply", hint="fix the manifest") from None
     return manifest_from_dict(data, source)
 
 
 def load_manifest(path: Path) -> Manifest:
     try:
-        with path.open("rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"{path}: not a regular file")
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(
             f"{path}: no release manifest", hint=f"a release has {MANIFEST_NAME} at its top"
         ) from None
+    except OSError as e:  # a symlink (ELOOP), unreadable
+        raise UsageError(f"{path}: {e.strerror} (a manifest is a regular file)") from None
     if len(raw) > MAX_MANIFEST_BYTES:
         raise UsageError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
     try:

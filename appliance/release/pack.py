@@ -33,6 +33,7 @@ from appliance.release.manifest import (
     manifest_to_dict,
     render_manifest,
 )
+from appliance.release.unpack import RECORD_NAME
 
 # gzip -6: the size of -9 for node_modules at a fraction of the CPU time
 COMPRESSLEVEL = 6
@@ -181,6 +182,8 @@ def _write_tar(tar: tarfile.TarFile, src: Path, manifest: Manifest) -> None:
     for rel, path, st in _walk(src):
         if rel == MANIFEST_NAME:
             continue  # written first, rendered from the resolved manifest
+        if rel == RECORD_NAME:
+            continue  # an installed release's record (a release copied to be packed again)
         target = _checked_link(src, rel, path) if stat.S_ISLNK(st.st_mode) else None
         ti = tar_member(rel, st, target)
         if ti.isreg():

@@ -2,22 +2,28 @@
 
 `unpack` streams the tar.gz member by member into `releases/.unpack-<random>` — nothing whole in
 memory, nothing written through a symlink — then renames it to `releases/<name>-<version>`.
-Anything unsafe is refused with a UsageError and leaves nothing under releases/."""
+Anything unsafe is refused with a UsageError and leaves nothing under releases/. Every read
+is bounded (appliance.release.archive: header sizes, gzip's CRC; here: members, bytes,
+path depth and length), and the sha256 of the bytes unpacked is compared with the one
+verified, so a file changed after its check is refused. The release records the sha256 of
+the artifact it came from (RECORD_NAME), so that another artifact with the same name and
+version is told apart (appliance.releases.install)."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
-import shutil
 import stat
 import tarfile
 import tempfile
-import zlib
+import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from appliance.errors import AipbxError, UsageError
 from appliance.fsutil import fsync_dir
+from appliance.release import archive
 from appliance.release.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -25,9 +31,14 @@ from appliance.release.manifest import (
     link_stays_inside,
     parse_manifest,
 )
+from appliance.safefs import remove_tree
 
 CHUNK = 1024 * 1024
-REBUILD_HINT = "the artifact is not a safe release; build it with `aipbxctl release pack`"
+REBUILD_HINT = archive.REBUILD_HINT
+MAX_DEPTH = 64  # path components of a member (the real backend's deepest: 11)
+MAX_NAME = 4095  # bytes of a member's path (PATH_MAX less the NUL)
+# In a release: the sha256 of the artifact it was unpacked from (root's, 0644).
+RECORD_NAME = ".aipbx-artifact.json"
 
 
 def member_parts(name: str) -> tuple[str, ...]:
@@ -36,9 +47,21 @@ def member_parts(name: str) -> tuple[str, ...]:
         raise UsageError(f"member {name!r}: empty or NUL in its name", hint=REBUILD_HINT)
     if name.startswith("/"):
         raise UsageError(f"{name}: absolute path refused", hint=REBUILD_HINT)
+    if len(name.encode(errors="surrogateescape")) > MAX_NAME:
+        raise UsageError(
+            f"{name[:60]}…: a member path longer than {MAX_NAME} bytes refused", hint=REBUILD_HINT
+        )
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise UsageError(f"{name}: '..' in a member path refused", hint=REBUILD_HINT)
+    if len(parts) > MAX_DEPTH:
+        raise UsageError(
+            f"{'/'.join(parts[:3])}/…: a member {len(parts)} directories deep refused "
+            f"(at most {MAX_DEPTH})",
+            hint=REBUILD_HINT,
+        )
+    if parts and parts[0] == RECORD_NAME:
+        raise UsageError(f"{name}: a name of the appliance's refused", hint=REBUILD_HINT)
     return parts
 
 
@@ -267,34 +290,79 @@ def _check_links_resolve(root: Path, links: list[str]) -> None:
     """Each link checked alone stays inside; a chain (`a -> .`, `b -> a/..`) may not."""
     top = os.path.realpath(root)
     for name in links:
-        real = os.path.realpath(root / name)
+        try:
+            real = os.path.realpath(root / name)
+        except (RecursionError, OSError):  # a chain of links longer than Python can follow
+            raise UsageError(f"{name}: a symlink chain too long", hint=REBUILD_HINT) from None
         if real != top and not real.startswith(f"{top}/"):
             raise UsageError(f"{name}: symlink resolves outside the release", hint=REBUILD_HINT)
 
 
-def unpack(artifact: Path, releases_dir: Path, *, max_bytes: int, max_files: int = 500_000) -> Path:
-    """Unpack artifact to releases_dir/<name>-<version>; returns that directory."""
+def unpack(
+    artifact: Path,
+    releases_dir: Path,
+    *,
+    max_bytes: int,
+    max_files: int = 500_000,
+    sha256: str | None = None,
+) -> Path:
+    """Unpack artifact to releases_dir/<name>-<version>; returns that directory. With
+    `sha256` (the verified one), bytes that are not those are refused."""
     releases_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=releases_dir, prefix=".unpack-"))
     try:
         os.chmod(tmp, 0o755)
         tree = _Tree(tmp)
         try:
-            with artifact.open("rb") as f, tarfile.open(fileobj=f, mode="r|gz") as tar:
+            with archive.open_artifact(artifact) as art:
                 limits = _Limits(artifact, max_bytes, max_files)
-                manifest = _extract(tar, tree, tmp, limits, releases_dir)
-        except (tarfile.TarError, EOFError, zlib.error) as e:
-            raise UsageError(f"{artifact.name}: not a valid .tar.gz: {e}", hint=REBUILD_HINT) from e
+                manifest = _extract(art.tar, tree, tmp, limits, releases_dir)
+                digest = art.finish()
         finally:
             tree.close()
+        if sha256 is not None and digest != sha256:
+            raise UsageError(
+                f"{artifact.name} changed while it was installed: sha256 {digest[:16]}…, "
+                f"verified as {sha256[:16]}…",
+                hint="copy the artifact again (nothing else may write it), then upgrade",
+            )
+        _record(tmp, artifact, digest)
         _refuse_installed(releases_dir, manifest)
         dest = releases_dir / manifest.release_dirname
         os.sync()  # the release's files reach the disk before its name appears
         os.rename(tmp, dest)
         fsync_dir(releases_dir)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise AipbxError(f"cannot unpack {artifact}: {e}") from e
         raise
     return dest
+
+
+def _record(tree: Path, artifact: Path, digest: str) -> None:
+    """What the release was unpacked from, written into it before it gets its name."""
+    doc: dict[str, Any] = {"sha256": digest, "artifact": artifact.name, "installed": time.time()}
+    fd = os.open(tree / RECORD_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(doc, sort_keys=True) + "\n")
+        os.fchmod(f.fileno(), 0o644)
+
+
+def recorded_sha256(release: Path) -> str | None:
+    """The sha256 of the artifact a release was unpacked from; None when it has no record
+    (installed before releases kept one) or the record is unreadable."""
+    try:
+        fd = os.open(release / RECORD_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        doc = json.loads(os.read(fd, 1 << 16))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    sha = doc.get("sha256") if isinstance(doc, dict) else None
+    return sha if isinstance(sha, str) and len(sha) == 64 else None

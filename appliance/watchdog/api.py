@@ -6,12 +6,16 @@ costs about 9 MB of RSS).
 
 Bound to loopback, it also refuses peers that are not loopback: the colors' veths accept
 packets for 127.0.0.0/8 (route_localnet, for RTP), so a bind alone is not the whole fence.
-Binding another address (watchdog.api_bind) is the explicit choice to serve others."""
+Binding another address (watchdog.api_bind) is the explicit choice to serve others.
+
+Any local user can connect, so the API must never eat the descriptors the checks need:
+at most MAX_CONNECTIONS at a time (one more is closed at once, before anything is read),
+each with a deadline for the whole exchange (a client that sends its request slowly, or
+never reads the answer, is cut off), and one request per connection (no keep-alive)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 from collections.abc import Callable
@@ -19,7 +23,9 @@ from typing import Any
 
 from appliance.watchdog import metrics
 
-READ_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 16
+HEAD_TIMEOUT_S = 2.0  # the request head must have arrived by then
+DEADLINE_S = 5.0  # the whole exchange, answer taken included
 MAX_HEAD = 8192
 
 
@@ -73,28 +79,43 @@ class Server:
         await self._server.wait_closed()
 
 
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    health: Callable[[], dict[str, Any]],
+    loopback_only: bool,
+) -> None:
+    peer = str((writer.get_extra_info("peername") or ("",))[0])
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+    if len(parts) != 3:
+        status, ctype, body = 400, "text/plain", b"bad request\n"
+    else:
+        status, ctype, body = respond(parts[0], parts[1], peer, health, loopback_only=loopback_only)
+    head_only = bool(parts) and parts[0] == "HEAD"
+    writer.write(
+        f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + (b"" if head_only else body)
+    )
+    await writer.drain()
+
+
 async def serve(health: Callable[[], dict[str, Any]], bind: str, port: int) -> Server:
     """Start the API; the caller keeps the server and calls `cleanup()` at the end."""
     loopback_only = is_loopback(bind)
+    active = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = str((writer.get_extra_info("peername") or ("",))[0])
+        nonlocal active
+        if active >= MAX_CONNECTIONS:
+            writer.transport.abort()  # its descriptor is freed now, not after a timeout
+            return
+        active += 1
+        done = False
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
-            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-            if len(parts) != 3:
-                status, ctype, body = 400, "text/plain", b"bad request\n"
-            else:
-                status, ctype, body = respond(
-                    parts[0], parts[1], peer, health, loopback_only=loopback_only
-                )
-            head_only = bool(parts) and parts[0] == "HEAD"
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + (b"" if head_only else body)
-            )
-            await writer.drain()
+            await asyncio.wait_for(_exchange(reader, writer, health, loopback_only), DEADLINE_S)
+            done = True
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
@@ -103,9 +124,11 @@ async def serve(health: Callable[[], dict[str, Any]], bind: str, port: int) -> S
         ):
             pass
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            active -= 1
+            if done:
+                writer.close()  # the answer is written out: a plain close
+            else:
+                writer.transport.abort()  # never wait for a client that does not read
 
     server = await asyncio.start_server(handle, bind, port, reuse_address=True, limit=MAX_HEAD)
     return Server(server)

@@ -1,7 +1,10 @@
 """The checks: what each one probes, how an answer is judged, and which unit it restarts.
 
-Every check runs under the configured timeout; an answer slower than `slow` is a WARNING.
-Checks of things that are not there yet (no live color, PgBouncer not set up) are IDLE."""
+Every check runs under the configured timeout and proves that the service answers (an HTTP
+request, a WebSocket handshake, a PostgreSQL startup packet: a TCP connect alone is
+completed by the kernel for a stopped process); an answer slower than `slow` is a WARNING.
+Checks of things that are not there yet (no live color, PgBouncer not set up) are IDLE.
+A check the watchdog could not run (its own fault, appliance.watchdog.faults) is UNKNOWN."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -21,6 +24,7 @@ from appliance.errors import AipbxError
 from appliance.services import Services
 from appliance.watchdog import probes
 from appliance.watchdog.backoff import Clock
+from appliance.watchdog.faults import own_fault
 from appliance.watchdog.model import Result, Status
 from appliance.watchdog.settings import Settings
 from appliance.watchdog.watches import CertWatch, FileWatch, RenewalWatch, UnitWatch
@@ -53,8 +57,12 @@ ALL_CHECKS = (
 )
 
 NGINX_UNIT = "nginx.service"
+# Debian's wrapper: restarting it restarts its clusters, but it runs no process itself; a
+# hung cluster is killed through its own unit (Targets.postgres_cluster).
 POSTGRESQL_UNIT = "postgresql.service"
 PGBOUNCER_UNIT = "aipbx-pgbouncer.service"
+# What nginx answers itself (204) on its loopback service listener (nginx/site.conf.j2).
+NGINX_HEALTH_PATH = "/aipbx-health"
 # Not a unit: the nft table that is the blue/green switch, "restarted" by applying it again
 # from state.json (appliance.reconcile.network).
 SWITCH_UNIT = "nft table inet aipbx"
@@ -80,9 +88,15 @@ class Targets:
     db_name: str
     disk_paths: tuple[Path, ...]
     cert: Path | None
-    host: str = "127.0.0.1"  # where nginx, PostgreSQL and PgBouncer answer
+    host: str = "127.0.0.1"  # where PostgreSQL and PgBouncer answer
     backup_status: Path | None = None  # backup-status.json; None: not watched
     renewal_status: Path | None = None  # cert-renewal.json; None: not watched
+    nginx_host: str = "127.0.0.1"  # nginx's service listener (nginx_port) answers here
+    # The unit that runs the cluster on postgres_port (postgresql@15-main.service).
+    postgres_cluster: str | None = None
+    # Every address PgBouncer must listen on besides `host`, each with the unit that puts
+    # it on the host (the colors' veths: aipbx-netns@COLOR.service).
+    pgbouncer_listen: tuple[tuple[str, str], ...] = ()
 
 
 def unit_of(check: str, t: Targets) -> str | None:
@@ -171,10 +185,17 @@ class Checks:
             return await asyncio.wait_for(self._fns[check](t), self.s.timeout)
         except TimeoutError:
             error = f"no answer within {self.s.timeout:g} s"
-            return Result(Status.CRITICAL, self.clock() - start, error)
-        except (OSError, EOFError, probes.ProbeError, AipbxError) as e:
-            return Result(Status.CRITICAL, self.clock() - start, describe(e))
-        except Exception as e:  # a bug in a check must not stop the others
+            return Result(Status.CRITICAL, self.clock() - start, error, timed_out=True)
+        except Exception as e:
+            fault = own_fault(e)
+            if fault is not None:  # the watchdog's, not the service's
+                return Result(Status.UNKNOWN, error=fault)
+            if isinstance(e, probes.ProbeBusy):  # alive and serving, but full
+                error = f"turns new clients away: {e}"
+                return Result(Status.WARNING, self.clock() - start, error)
+            if isinstance(e, OSError | EOFError | probes.ProbeError | AipbxError):
+                return Result(Status.CRITICAL, self.clock() - start, describe(e))
+            # a bug in a check must not stop the others
             log.exception("check %s failed unexpectedly", check)
             return Result(Status.CRITICAL, None, f"check failed: {type(e).__name__}: {e}")
 
@@ -193,11 +214,11 @@ class Checks:
         if not t.color:
             return Result(Status.IDLE, detail="no live color")
         try:
-            _, writer = await asyncio.open_connection(LIVE_ADDR, t.http_port)
-            writer.close()
+            await probes.tcp_connect(LIVE_ADDR, t.http_port)
             return Result(Status.OK, detail=f"{LIVE_ADDR}:{t.http_port} reaches {t.color}")
-        except OSError:
-            pass
+        except OSError as e:
+            if own_fault(e) is not None:
+                raise  # not a missing table: the watchdog could not try
         table = await asyncio.to_thread(nft.listed)
         if not table:
             return Result(Status.CRITICAL, error="the nft switch table inet aipbx is missing")
@@ -225,11 +246,18 @@ class Checks:
         return judge_answer(latency, self.s.slow, f"{t.color}: WebSocket handshake: 101")
 
     async def nginx(self, t: Targets) -> Result:
+        """A request nginx answers itself (204), on its loopback service listener: a stopped
+        nginx (SIGSTOP) still has its connections completed by the kernel, never answered.
+        Any HTTP answer proves nginx runs; the 204 says the site is the current one."""
         active = self.units.active(NGINX_UNIT)
-        _, latency = await self._timed(probes.tcp_connect(t.host, t.nginx_port))
+        req = probes.get_request(t.nginx_host, t.nginx_port, NGINX_HEALTH_PATH)
+        code, latency = await self._timed(probes.http_status(t.nginx_host, t.nginx_port, req))
         if active is False:
             return Result(Status.CRITICAL, latency, f"{NGINX_UNIT} is not active")
-        return judge_answer(latency, self.s.slow, f"port {t.nginx_port} accepts connections")
+        detail = f"GET {NGINX_HEALTH_PATH}: HTTP {code}"
+        if code != 204:
+            detail += " (not 204: the site predates it; `aipbxctl setup` renders it again)"
+        return judge_answer(latency, self.s.slow, detail)
 
     async def _pg(self, host: str, port: int, t: Targets) -> Result:
         probe = probes.pg_startup(host, port, t.db_user, t.db_name)
@@ -240,9 +268,42 @@ class Checks:
         return await self._pg(t.host, t.postgres_port, t)
 
     async def pgbouncer(self, t: Targets) -> Result:
+        """PgBouncer answers on `host`, and listens on every color's veth address too: one
+        that started before a veth was up runs without that address (it binds each one
+        once, at start; a reload does not bind again) and the color cannot reach its
+        database. An address missing from the host is its netns unit's to repair."""
         if not t.pgbouncer_set_up:
             return Result(Status.IDLE, detail="not set up yet (aipbxctl setup)")
-        return await self._pg(t.host, t.pgbouncer_port, t)
+        for addr, unit in t.pgbouncer_listen:
+            if not probes.address_on_host(addr):
+                error = f"{addr} is not on this host ({unit} is down or lost its veth)"
+                return Result(Status.CRITICAL, error=error, unit=unit)
+        addrs = [addr for addr, _ in t.pgbouncer_listen]
+        answered, listening = await asyncio.gather(
+            self._pg(t.host, t.pgbouncer_port, t), self._listening(addrs, t.pgbouncer_port)
+        )
+        missing = [a for a, ok in zip(addrs, listening, strict=True) if not ok]
+        if missing:
+            where = ", ".join(f"{a}:{t.pgbouncer_port}" for a in missing)
+            error = f"PgBouncer does not listen on {where} (it started before the address was up)"
+            return Result(Status.CRITICAL, answered.latency, error)
+        if addrs and answered.status is Status.OK:
+            also = ", ".join(addrs)
+            return replace(answered, detail=f"{answered.detail}; listens on {also} too")
+        return answered
+
+    async def _listening(self, addrs: list[str], port: int) -> list[bool]:
+        """Whether something listens on each addr:port (addresses of this host: the kernel
+        answers at once, accepted or refused)."""
+
+        async def listens(addr: str) -> bool:
+            try:
+                await probes.tcp_connect(addr, port)
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        return list(await asyncio.gather(*(listens(a) for a in addrs)))
 
     async def disk(self, t: Targets) -> Result:
         seen: list[tuple[float, str]] = []

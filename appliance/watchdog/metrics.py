@@ -51,11 +51,12 @@ def render(health: dict[str, Any]) -> str:
     d.family(
         "aipbx_check_up",
         "gauge",
-        "1 when the check answers (ok or warning), 0 when it is critical; idle checks have none.",
+        "1 when the check answers (ok or warning), 0 when it is critical; idle checks and "
+        "those the watchdog could not run (unknown) have none.",
         (
             (_labels(check=n), 0 if c["state"] == Status.CRITICAL else 1)
             for n, c in checks.items()
-            if c["state"] != Status.IDLE
+            if c["state"] not in (Status.IDLE, Status.UNKNOWN)
         ),
     )
     d.family(
@@ -68,6 +69,15 @@ def render(health: dict[str, Any]) -> str:
             if c["latency_ms"] is not None and c["state"] != Status.IDLE
         ),
     )
+    own = health.get("watchdog")
+    if own is not None:
+        d.family(
+            "aipbx_watchdog_impaired",
+            "gauge",
+            "1 while the watchdog cannot run some of its checks (its own fault: no file "
+            "descriptor, memory, thread or process); it restarts nothing meanwhile.",
+            [("", int(own["state"] != "ok"))],
+        )
     d.family(
         "aipbx_check_state",
         "gauge",

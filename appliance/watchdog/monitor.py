@@ -1,10 +1,14 @@
 """One round of checks and what follows from it: breaker transitions, restarts through
 systemd (Services), alerts, and the journal entries of every transition and action.
 
-The state machines (Breaker, RestartPolicy, IncidentTracker) decide; this module does:
-it runs the checks, feeds them the results and the time, and carries out their decisions.
-Restarts run in a thread as tasks of their own, so a slow `systemctl restart` never holds
-up the next round of checks."""
+The state machines (Breaker, RestartPolicy, IncidentTracker, OwnFault) decide; this module
+does: it runs the checks, feeds them the results and the time, and carries out their
+decisions. Restarts run in a thread as tasks of their own, so a slow `systemctl restart`
+never holds up the next round of checks; while one runs, its unit's breakers wait for it.
+
+A check the watchdog could not run (UNKNOWN: its own fault) counts for nothing: no breaker
+failure, no incident of the service. It impairs the watchdog (OwnFault), which then
+restarts nothing until it has run all its checks again for a few rounds."""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from appliance.errors import AipbxError
 from appliance.services import Services
+from appliance.watchdog import journal, view
 from appliance.watchdog.alerts import Alert, IncidentTracker, Severity
 from appliance.watchdog.backoff import Backoff, Clock, RestartBudget
 from appliance.watchdog.breaker import Breaker, BreakerState, Transition
@@ -32,18 +36,15 @@ from appliance.watchdog.checks import (
     target_of,
     unit_of,
 )
-from appliance.watchdog.model import Result, Status, worst
-from appliance.watchdog.restarts import Decision, RestartPolicy
+from appliance.watchdog.model import Result, Status
+from appliance.watchdog.ownfault import Fault, OwnFault
+from appliance.watchdog.restarts import Decision, RestartPolicy, steps
 from appliance.watchdog.settings import Settings
 
 log = logging.getLogger("aipbx.watchdog")
 
-STATUS_LEVEL = {
-    Status.CRITICAL: logging.ERROR,
-    Status.WARNING: logging.WARNING,
-    Status.OK: logging.INFO,
-    Status.IDLE: logging.INFO,
-}
+# Units an upgrade or rollback owns while it runs: their restarts wait for it.
+OWNED_BY_CHANGE = ("aipbx-backend@", "aipbx-netns@", SWITCH_UNIT)
 
 
 class Publisher(Protocol):
@@ -113,6 +114,8 @@ class Monitor:
         self._restarting: dict[str, asyncio.Task[None]] = {}
         # Units a breaker declared down (it opened) since their last restart.
         self._wanted: set[str] = set()
+        self.own = OwnFault(settings.failures_to_open)
+        self._held_logged = False
 
     def _policy(self, unit: str) -> RestartPolicy:
         if unit not in self.policies:
@@ -136,22 +139,30 @@ class Monitor:
             if target != cs.target:
                 self._log_breaker(cs, cs.breaker.reset(now))
                 cs.target = target
-            cs.unit = unit_of(cs.name, t)
+            # A failing result may name another unit to repair (a netns for PgBouncer).
+            cs.unit = (cs.result.unit if cs.result.status.failed else None) or unit_of(cs.name, t)
             if cs.unit:
                 self._policy(cs.unit)
-            self._log_breaker(cs, cs.breaker.poll(now))
+            if cs.unit not in self._restarting:  # the half-open probe waits for a restart
+                self._log_breaker(cs, cs.breaker.poll(now))
             if cs.breaker.probing:
                 due.append(cs)
         results = await asyncio.gather(*(self.checks.run(cs.name, t) for cs in due))
         now = self.clock()
+        faults = []
         for cs, result in zip(due, results, strict=True):
             self._record(cs, result, now)
+            if result.status is Status.UNKNOWN:
+                faults.append(Fault(cs.name, result.error))
         for cs in self.states.values():
+            if cs.result.status is Status.UNKNOWN:
+                continue  # says nothing about the service: its incident stays as it is
             detail = cs.result.error or cs.result.detail
             for alert in cs.tracker.observe(cs.result.status, now, detail):
                 if self._folded(cs, alert):
                     continue
                 self._publish(alert)
+        self._own_fault(faults, now)
         self._restart_what_is_down(now)
         self.last_round = now
         self.rounds += 1
@@ -162,6 +173,8 @@ class Monitor:
         cs.runs += 1
         if result.status is Status.IDLE:
             self._log_breaker(cs, cs.breaker.reset(now))
+        elif result.status is Status.UNKNOWN:
+            pass  # the watchdog's own failure: neither a failure nor a success
         else:
             t = cs.breaker.record(not result.status.failed, now)
             self._log_breaker(cs, t)
@@ -172,45 +185,40 @@ class Monitor:
             self._log_status(cs, old)
 
     def _want_restart(self, unit: str, t: Transition, now: float) -> None:
-        # A failed probe after the cool-down says the last restart did not help. A breaker
-        # that merely opened while its unit restarts (another check of the same unit,
-        # lagging behind) is answered by that restart already.
+        # A restart in flight answers every failure seen meanwhile (another check of the
+        # same unit, lagging behind): its outcome is probed once it returned. A failed
+        # probe after that (HALF_OPEN -> OPEN) says the restart did not help.
+        if unit in self._restarting:
+            return
         last = self._policy(unit).last_restart
-        recent = unit in self._restarting or (last is not None and now - last < self.s.cooldown)
+        recent = last is not None and now - last < self.s.cooldown
         if t.old is BreakerState.HALF_OPEN or not recent:
             self._wanted.add(unit)
 
     def _log_status(self, cs: CheckState, old: Status) -> None:
-        new = cs.result.status
-        if new is Status.OK and old in (Status.CRITICAL, Status.WARNING):
-            text = f"{cs.name} is ok again ({cs.result.detail})"
-        elif new in (Status.OK, Status.IDLE):
-            text = f"{cs.name}: {new} ({cs.result.detail})"
-        else:
-            text = f"{cs.name}: {new}: {cs.result.error}"
-        fields = {"check": cs.name, "state": str(new), "previous": str(old)}
-        if cs.unit:
-            fields["unit"] = cs.unit
-        log.log(STATUS_LEVEL[new], text, extra={"fields": fields})
+        journal.status(cs.name, cs.unit, cs.result, old)
 
     def _log_breaker(self, cs: CheckState, t: Transition | None) -> None:
-        if t is None:
-            return
-        if t.new is BreakerState.OPEN:
-            level, why = logging.WARNING, f"after {t.failures} failures: {cs.result.error}"
-        elif t.new is BreakerState.HALF_OPEN:
-            level, why = logging.INFO, "cool-down over, probing"
-        else:
-            level, why = logging.INFO, "closed"
-        fields = {"check": cs.name, "state": str(cs.result.status), "breaker": str(t.new)}
-        if cs.unit:
-            fields["unit"] = cs.unit
-        text = f"{cs.name}: breaker {t.old} -> {t.new} ({why})"
-        log.log(level, text, extra={"fields": fields})
+        journal.breaker(cs.name, cs.unit, cs.result, t, settling=cs.breaker.settling)
+
+    def _own_fault(self, faults: list[Fault], now: float) -> None:
+        for alert in self.own.observe(faults, now):
+            journal.own_fault(alert)
+            self._publish(alert)
 
     # -- restarts
 
     def _restart_what_is_down(self, now: float) -> None:
+        if self.own.impaired:  # its own failure never restarts anything
+            if self._wanted and not self._held_logged:
+                log.warning(
+                    "%s down, but the watchdog cannot run all its checks: restarts wait",
+                    ", ".join(sorted(self._wanted)),
+                    extra={"fields": {"check": "watchdog", "action": "restart_held"}},
+                )
+                self._held_logged = True
+            return
+        self._held_logged = False
         by_unit: dict[str, list[CheckState]] = {}
         for cs in self.states.values():
             if cs.unit:
@@ -228,8 +236,7 @@ class Monitor:
                     )
             if unit in self._restarting or unit not in self._wanted:
                 continue
-            owned_by_change = unit.startswith("aipbx-backend@") or unit == SWITCH_UNIT
-            if owned_by_change and self.change_running():
+            if unit.startswith(OWNED_BY_CHANGE) and self.change_running():
                 if not self._deferred_logged:
                     log.warning(
                         "%s is down, but an upgrade or rollback is running: its restart waits",
@@ -259,9 +266,14 @@ class Monitor:
         checks = ",".join(cs.name for cs in down)
         fields = {"action": "restart", "unit": unit, "check": checks, "state": "critical"}
         verb = "restor" if unit == SWITCH_UNIT else "restart"  # the table is applied again
+        hung = any(cs.result.timed_out for cs in down)
+        if hung:
+            fields["hung"] = "1"  # no answer at all within the timeout
+        if unit != SWITCH_UNIT and any(s.verb == "kill" for s in steps(unit, hung=hung)):
+            why += "; killed first"
         log.warning("%sing %s (%s)", verb, unit, why, extra={"fields": fields})
         try:
-            await asyncio.to_thread(self._reset_and_restart, unit)
+            await asyncio.to_thread(self._reset_and_restart, unit, hung)
         except Exception as e:
             log.error(
                 "restart of %s failed: %s",
@@ -273,21 +285,28 @@ class Monitor:
             log.info("%sed %s", verb, unit, extra={"fields": {**fields, "outcome": "ok"}})
         finally:
             del self._restarting[unit]
+            now = self.clock()
+            for cs in self.states.values():  # probe what the restart did, from now on
+                if cs.unit == unit:
+                    self._log_breaker(cs, cs.breaker.restarted(now))
 
-    def _reset_and_restart(self, unit: str) -> None:
+    def _reset_and_restart(self, unit: str, hung: bool) -> None:
         if unit == SWITCH_UNIT:
             if self.repair_switch is None:
                 raise AipbxError("this watchdog cannot restore the nft switch table")
             self.repair_switch()
             return
-        # A unit that crash-looped into systemd's start limit refuses a plain restart; this
-        # restart is deliberate (and rationed by the budget), so clear the limit first.
-        if unit.startswith("aipbx-backend@"):
-            # It stopped answering: a graceful stop would wait out the app's own timeout
-            # (20-30 s) for requests that hang anyway. Kill it; systemd's restart follows.
-            self.services.kill(unit, "SIGKILL")
-        self.services.reset_failed(unit)
-        self.services.restart(unit)
+        t = self.current
+        runs_in = t.postgres_cluster if t is not None and unit == POSTGRESQL_UNIT else None
+        for step in steps(unit, hung=hung, runs_in=runs_in):
+            if step.verb == "kill":
+                self.services.kill(step.unit, step.arg)
+            elif step.verb == "reset_failed":
+                self.services.reset_failed(step.unit)
+            elif step.verb == "start":
+                self.services.start(step.unit)
+            else:
+                self.services.restart(step.unit)
 
     def _give_up(
         self, unit: str, policy: RestartPolicy, down: list[CheckState], now: float
@@ -345,6 +364,7 @@ class Monitor:
         return {
             "incidents": {n: cs.tracker.state_doc(now, wall) for n, cs in self.states.items()},
             "muted": sorted(self._muted),
+            "watchdog": self.own.state_doc(now, wall),
         }
 
     def resume_alert_state(self, doc: object) -> None:
@@ -359,53 +379,12 @@ class Monitor:
         muted = doc.get("muted")
         if isinstance(muted, list):
             self._muted |= {m for m in muted if isinstance(m, str)}
+        self.own.resume(doc.get("watchdog"), now, wall)
 
     # -- what the API shows
 
     def _wall_of(self, mono: float) -> float:
         return self.wall() - (self.clock() - mono)
 
-    def _iso(self, mono: float | None) -> str | None:
-        if mono is None:
-            return None
-        return datetime.fromtimestamp(self._wall_of(mono), UTC).isoformat(timespec="seconds")
-
     def snapshot(self) -> dict[str, Any]:
-        now = self.clock()
-        checks: dict[str, Any] = {}
-        for cs in self.states.values():
-            r = cs.result
-            checks[cs.name] = {
-                "state": str(r.status),
-                "breaker": str(cs.breaker.state),
-                "latency_ms": None if r.latency is None else round(r.latency * 1000, 1),
-                "error": r.error,
-                "detail": r.detail,
-                "since": self._iso(cs.since),
-                "unit": cs.unit,
-                "failures": cs.breaker.failures,
-            }
-        restarts: dict[str, Any] = {}
-        for unit, p in self.policies.items():
-            allowed = p.next_allowed()
-            restarts[unit] = {
-                "total": p.budget.total,
-                "in_window": p.budget.used(now),
-                "budget": p.budget.limit,
-                "window_s": p.budget.window,
-                "exhausted": p.exhausted,
-                "last": self._iso(p.last_restart),
-                "backoff_s": p.backoff.delay(),
-                "next_allowed_in_s": None if allowed is None else round(max(0.0, allowed - now), 1),
-                "restarting": unit in self._restarting,
-            }
-        t = self.current
-        return {
-            "status": str(worst([cs.result.status for cs in self.states.values()])),
-            "live_color": t.color if t else None,
-            "interval_s": self.s.interval,
-            "rounds": self.rounds,
-            "last_round": self._iso(self.last_round),
-            "checks": checks,
-            "restarts": restarts,
-        }
+        return view.snapshot(self)

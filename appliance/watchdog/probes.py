@@ -1,13 +1,16 @@
 """Network probes on asyncio streams, each bounded by the caller's timeout: a TCP connect, an
 HTTP status line, a WebSocket handshake and a PostgreSQL startup packet (answered with an
 authentication request by PostgreSQL and PgBouncer alike: no driver, no password). Each
-returns what it saw, or raises OSError/ProbeError."""
+returns what it saw, or raises OSError/ProbeError. A connect alone proves little: the
+kernel completes it for a process that is stopped; the answer proves the process runs."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
+import socket
 import struct
 
 PG_PROTOCOL_3 = 196608
@@ -17,6 +20,17 @@ PG_ERROR = b"E"
 
 class ProbeError(Exception):
     """The peer answered, but not as a healthy one does."""
+
+
+class ProbeBusy(ProbeError):
+    """The peer answers but turns new clients away because it is full (PostgreSQL's
+    too_many_connections, PgBouncer's max_client_conn): it serves the clients it has, a
+    restart would not help, and anyone who can open connections could cause it."""
+
+
+# PostgreSQL's SQLSTATE too_many_connections, and what PgBouncer says at max_client_conn.
+PG_TOO_MANY = "53300"
+BOUNCER_FULL = "no more connections allowed"
 
 
 async def _open(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -34,6 +48,20 @@ async def tcp_connect(host: str, port: int) -> str:
     return "connected"
 
 
+def address_on_host(addr: str) -> bool:
+    """Whether `addr` is one of this host's addresses: a bind to it works (no packet is
+    sent). Other errors (EMFILE...) are raised."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, 0))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
+
+
 async def http_status(host: str, port: int, request: bytes) -> int:
     """Send a raw HTTP/1.1 request and return the status code of the answer."""
     reader, writer = await _open(host, port)
@@ -48,9 +76,13 @@ async def http_status(host: str, port: int, request: bytes) -> int:
     return int(parts[1])
 
 
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def get_request(host: str, port: int, path: str) -> bytes:
     return (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: aipbx-watchdog\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {_authority(host, port)}\r\nUser-Agent: aipbx-watchdog\r\n"
         "Accept: */*\r\nConnection: close\r\n\r\n"
     ).encode()
 
@@ -58,8 +90,8 @@ def get_request(host: str, port: int, path: str) -> bytes:
 def websocket_request(host: str, port: int, path: str) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     return (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: aipbx-watchdog\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {_authority(host, port)}\r\n"
+        "User-Agent: aipbx-watchdog\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
 
@@ -73,12 +105,27 @@ def pg_startup_packet(user: str, database: str) -> bytes:
     return struct.pack("!I", len(body) + 4) + body
 
 
+def pg_error_fields(payload: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse body by their one-letter code (C: SQLSTATE, M...)."""
+    return {
+        f[:1].decode(errors="replace"): f[1:].decode(errors="replace")
+        for f in payload.split(b"\0")
+        if f
+    }
+
+
 def pg_error_message(payload: bytes) -> str:
     """The M (message) field of an ErrorResponse body."""
-    for field in payload.split(b"\0"):
-        if field[:1] == b"M":
-            return field[1:].decode(errors="replace")
-    return "error without a message"
+    return pg_error_fields(payload).get("M", "error without a message")
+
+
+def pg_error(payload: bytes) -> ProbeError:
+    """What an ErrorResponse to the startup packet means: full (ProbeBusy) or not well."""
+    fields = pg_error_fields(payload)
+    message = fields.get("M", "error without a message")
+    if fields.get("C") == PG_TOO_MANY or BOUNCER_FULL in message:
+        return ProbeBusy(message)
+    return ProbeError(message)
 
 
 async def pg_startup(host: str, port: int, user: str, database: str) -> str:
@@ -93,7 +140,7 @@ async def pg_startup(host: str, port: int, user: str, database: str) -> str:
         if kind == PG_ERROR:
             (length,) = struct.unpack("!I", await reader.readexactly(4))
             payload = await reader.readexactly(min(max(length - 4, 0), 4096))
-            raise ProbeError(pg_error_message(payload))
+            raise pg_error(payload)
         raise ProbeError(f"unexpected answer {kind!r}")
     finally:
         _close(writer)

@@ -8,6 +8,7 @@ since the last restart) and calls `recovered()` once all the unit's breakers are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 from appliance.watchdog.backoff import Backoff, RestartBudget
@@ -57,3 +58,38 @@ class RestartPolicy:
         self.last_restart = now
         self.backoff.failed()
         return Decision.RESTART
+
+
+@dataclass(frozen=True)
+class Step:
+    verb: str  # kill (arg: the signal), reset_failed, restart, start
+    unit: str
+    arg: str = ""
+
+
+# Killed before every restart: the app's graceful stop waits 20-30 s for requests that
+# hang anyway. Never killed: the netns anchor (a restart wires its veth again).
+ALWAYS_KILLED = ("aipbx-backend@",)
+NEVER_KILLED = ("aipbx-netns@",)
+
+
+def steps(unit: str, *, hung: bool, runs_in: str | None = None) -> list[Step]:
+    """How to restart a unit its breakers declared down. A hung unit (a check got no answer
+    at all within its timeout: stopped, deadlocked) is killed first: a graceful stop would
+    wait for it up to the unit's stop timeout (PostgreSQL: pg_ctl's 60 s, then systemd's),
+    and the restart with it. A crashed or refusing one is restarted as usual. A unit that
+    crash-looped into systemd's start limit refuses a plain restart; this restart is
+    deliberate (and rationed by the budget), so the limit is cleared first.
+
+    `runs_in`: the unit that runs the processes when `unit` is a wrapper that runs none
+    (Debian's postgresql.service and postgresql@15-main.service): that one is killed and
+    cleared, the wrapper restarted (which restarts it), and it is started in case the
+    wrapper does not pull it in."""
+    runner = runs_in or unit
+    out = []
+    if unit.startswith(ALWAYS_KILLED) or (hung and not unit.startswith(NEVER_KILLED)):
+        out.append(Step("kill", runner, "SIGKILL"))
+    out += [Step("reset_failed", runner), Step("restart", unit)]
+    if runner != unit:
+        out.append(Step("start", runner))
+    return out

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
-from appliance import acme, state, tls_store
+from appliance import acme, pgbouncer, state, tls_store
 from appliance.colors import Color, color_net
 from appliance.config import Config
 from appliance.paths import Paths
@@ -31,12 +32,61 @@ def cert_path(cfg: Config, paths: Paths) -> Path:
     return paths.selfsigned_cert
 
 
+PG_PORT_LINE = re.compile(r"^\s*port\s*=\s*(\d+)", re.MULTILINE)
+PG_DEFAULT_PORT = 5432
+
+
+def cluster_unit(etc_postgresql: Path, port: int, run_postgresql: Path | None = None) -> str | None:
+    """The unit of the Debian cluster that serves `port` (postgresql@15-main.service), from
+    /etc/postgresql/VERSION/NAME/postgresql.conf; the only cluster if none says its port.
+    Without a readable /etc/postgresql, the only cluster with a pid file in
+    /run/postgresql (VERSION-NAME.pid). None when that does not settle it."""
+    clusters = []
+    for conf in sorted(etc_postgresql.glob("*/*/postgresql.conf")):
+        try:
+            ports = PG_PORT_LINE.findall(conf.read_text(errors="replace"))
+        except OSError:
+            continue
+        version, name = conf.parent.parent.name, conf.parent.name
+        clusters.append((f"postgresql@{version}-{name}.service", ports))
+    serving = [u for u, ports in clusters if int(ports[-1] if ports else PG_DEFAULT_PORT) == port]
+    if len(serving) == 1:
+        return serving[0]
+    if len(clusters) == 1:
+        return clusters[0][0]
+    if not clusters and run_postgresql is not None:
+        pids = sorted(run_postgresql.glob("*-*.pid"))
+        if len(pids) == 1:
+            return f"postgresql@{pids[0].stem}.service"
+    return None
+
+
+def connect_host(bind: str) -> str:
+    """Where to reach a listener bound to `bind` from this host."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind, bind)
+
+
 class LiveTargets:
     def __init__(self, cfg: Config, paths: Paths) -> None:
         self.cfg = cfg
         self.paths = paths
         self._key: tuple[int, int, int] | None = None
         self._color: Color | None = None
+        self._cluster: str | None = None
+        net = cfg.network.subnet
+        self._listen = tuple(
+            (addr, f"aipbx-netns@{c}.service")
+            for addr, c in pgbouncer.listen_addrs(net)
+            if c is not None
+        )
+
+    def cluster(self) -> str | None:
+        """Looked for until found (the package may be set up after the watchdog started)."""
+        if self._cluster is None:
+            root = self.paths.root
+            port = self.cfg.database.postgres_port
+            self._cluster = cluster_unit(root / "etc/postgresql", port, root / "run/postgresql")
+        return self._cluster
 
     def live_color(self) -> Color | None:
         try:
@@ -63,7 +113,9 @@ class LiveTargets:
             backend_unit=backend_unit(str(color)) if color else "",
             http_port=c.backend.http_port,
             ws_port=c.backend.ws_port,
-            nginx_port=c.nginx.https_port,
+            # nginx's loopback service listener answers /aipbx-health itself
+            nginx_host=connect_host(c.nginx.service_bind),
+            nginx_port=c.backend.http_port,
             postgres_port=c.database.postgres_port,
             pgbouncer_port=c.database.pgbouncer_port,
             pgbouncer_set_up=self.paths.pgbouncer_ini.exists(),
@@ -73,4 +125,6 @@ class LiveTargets:
             cert=cert_path(c, self.paths),
             backup_status=self.paths.var / "backup-status.json",
             renewal_status=acme.status_path(self.paths),
+            postgres_cluster=self.cluster(),
+            pgbouncer_listen=self._listen,
         )

@@ -298,3 +298,22 @@ def test_maintenance_answers_503_on_every_backend_route(www_root: Path, app: int
         assert _get(f"{https}/main.3f2a9c.js", www_root)[0] == 200
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("maintenance", [False, True])
+def test_nginx_answers_the_watchdogs_health_request_itself(
+    www_root: Path, maintenance: bool
+) -> None:
+    """/aipbx-health on the loopback service listener: 204 from nginx itself, with no live
+    color and in maintenance alike (the watchdog's nginx check must not depend on the
+    backend); every other path there still goes to the live color."""
+    proc, ports = _start(www_root, None, maintenance=maintenance)
+    try:
+        svc = f"http://127.0.0.1:{ports['svc_http']}"
+        r = _curl("-o", "/dev/null", "-w", "%{http_code}", f"{svc}/aipbx-health")
+        assert r.stdout == "204"
+        r = _curl("-o", "/dev/null", "-w", "%{http_code}", f"{svc}/aipbx-healthz")
+        # not ours: proxied to the live color (none here), or refused in maintenance
+        assert r.stdout == ("503" if maintenance else "502")
+    finally:
+        stop(proc)

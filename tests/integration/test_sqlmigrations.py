@@ -107,10 +107,18 @@ def records(t: Target, cluster: tuple[Path, int]) -> list[tuple[str, str, str]]:
     return [tuple(line.split("|")) for line in out.splitlines()]  # type: ignore[misc]
 
 
-def run(t: Target, rel: Installed) -> tuple[str, dict[str, object]]:
+def prepared(t: Target, rel: Installed, *, tracked: bool = True) -> sqlmigrations.Prepared:
+    """An upgrade's first SQL step. `tracked`: the database has had the tracking table from
+    the start (else one with the app's tables and no records is refused)."""
+    if tracked:
+        with sqlmigrations.session(t) as s:
+            sqlmigrations.ensure_table(s)
+    return sqlmigrations.prepare(None, None, rel, t)  # type: ignore[arg-type]
+
+
+def run(t: Target, rel: Installed, *, tracked: bool = True) -> tuple[str, dict[str, object]]:
     figures: dict[str, object] = {}
-    prep = sqlmigrations.prepare(None, None, rel, t)  # type: ignore[arg-type]
-    return sqlmigrations.execute(prep, figures), figures
+    return sqlmigrations.execute(prepared(t, rel, tracked=tracked), figures), figures
 
 
 ORDERED = {
@@ -212,7 +220,7 @@ def test_a_failing_file_is_rolled_back_and_the_earlier_ones_stay(
     }
     rel = release(tmp_path, files)
     figures: dict[str, object] = {}
-    prep = sqlmigrations.prepare(None, None, rel, target)  # type: ignore[arg-type]
+    prep = prepared(target, rel)
     with pytest.raises(SqlMigrationFailed) as e:
         sqlmigrations.execute(prep, figures)
     msg = e.value.message
@@ -244,7 +252,7 @@ def test_nothing_applied_says_unchanged(
     as_app(target, cluster, "CREATE TABLE steps (id int)")
     rel = release(tmp_path, {"a.sql": "SELECT 1/0;\n"})
     figures: dict[str, object] = {}
-    prep = sqlmigrations.prepare(None, None, rel, target)  # type: ignore[arg-type]
+    prep = prepared(target, rel)
     with pytest.raises(
         SqlMigrationFailed, match=r"0 applied, a.sql failed \(line 1\): ERROR:  " "division by zero"
     ):
@@ -307,16 +315,35 @@ def test_baseline_never_runs_the_files_on_an_empty_database(
     assert sql(target, "SELECT to_regclass('public.from_sql') IS NOT NULL", cluster) == "t"
 
 
-def test_tables_without_a_tracking_table_run_every_file(
+def test_tables_without_a_tracking_table_are_refused_until_the_operator_marks(
     tmp_path: Path, target: Target, cluster: tuple[Path, int]
 ) -> None:
+    """A database from before the appliance: nothing runs (one of the real app's files drops
+    and recreates tables) until the operator records what it already has."""
     as_app(target, cluster, "CREATE TABLE users (id int)")  # a database from before
-    rel = release(tmp_path, {"1.sql": "ALTER TABLE users ADD COLUMN IF NOT EXISTS a int;\n"})
-    prep = sqlmigrations.prepare(None, None, rel, target)  # type: ignore[arg-type]
-    assert prep.state.app_tables == 1 and not prep.state.tracking
-    assert [f.name for f in prep.plan.run] == ["1.sql"]
-    run(target, rel)
-    assert records(target, cluster) == [("1.sql", "applied", "aipbx-2")]
+    rel = release(
+        tmp_path,
+        {
+            "1.sql": "DROP TABLE users; CREATE TABLE users (id int);\n",
+            "2.sql": "ALTER TABLE users ADD COLUMN IF NOT EXISTS a int;\n",
+        },
+    )
+    as_app(target, cluster, "INSERT INTO users VALUES (1)")
+    with pytest.raises(UsageError) as e:
+        run(target, rel, tracked=False)
+    assert "no record of its SQL files" in e.value.message
+    assert "migrations mark --all" in (e.value.hint or "")
+    assert sql(target, "SELECT count(*) FROM users", cluster) == "1"  # nothing ran
+    assert sql(target, f"SELECT to_regclass('{sqlmigrations.QUALIFIED}')", cluster) == ""
+    files = sqlmigrations.release_files(rel.path, SqlMigrations("migrations/postgres"))
+    sqlmigrations.mark(target, rel, files, ["1.sql"])  # it has had that one
+    done, _ = run(target, rel, tracked=False)
+    assert "1 applied (2.sql)" in done
+    assert sql(target, "SELECT count(*) FROM users", cluster) == "1"
+    assert records(target, cluster) == [
+        ("1.sql", "marked", "aipbx-2"),
+        ("2.sql", "applied", "aipbx-2"),
+    ]
 
 
 def test_mark_then_the_upgrade_skips_the_file(

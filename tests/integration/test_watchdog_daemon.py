@@ -1,6 +1,7 @@
 """The real entry point (bin/aipbx-watchdog's main) as a subprocess under a temporary root:
 sd_notify READY/STATUS/WATCHDOG on a socket of ours, /system-health on a free port, a clean
-stop on SIGTERM. Its breakers are set never to open, so it restarts nothing on this host."""
+stop on SIGTERM. Its breakers open only after 100 failures (longer than any test here
+runs), and `systemctl` on its PATH is a fake: it restarts nothing on this host."""
 
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ def _daemon(root: Path, **env: str) -> subprocess.Popen[bytes]:
     full = {**os.environ, "AIPBX_ROOT": str(root), "PYTHONPATH": str(REPO)}
     for k in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
         full.pop(k, None)
+    fake_bin = root.parent / "fake-bin"
+    fake_bin.mkdir(exist_ok=True)
+    (fake_bin / "systemctl").write_text("#!/bin/sh\nexit 0\n")  # every unit "active"
+    (fake_bin / "systemctl").chmod(0o755)
+    full["PATH"] = f"{fake_bin}:{full['PATH']}"
     return subprocess.Popen(
         [sys.executable, str(REPO / "bin/aipbx-watchdog")],
         env={**full, **env},
@@ -70,7 +76,7 @@ def test_daemon_notifies_serves_and_stops(tmp_path: Path) -> None:
         "[watchdog]\n"
         f"api_port = {port}\n"
         'interval = "200ms"\ntimeout = "500ms"\nslow_threshold = "400ms"\n'
-        "failures_to_open = 1000000\n"
+        "failures_to_open = 100\n"
         "[database]\n"
         f"postgres_port = {free_port()}\n",
     )
@@ -203,7 +209,7 @@ def test_an_undelivered_alert_survives_a_restart_and_is_not_repeated(tmp_path: P
         "[watchdog]\n"
         f"api_port = {free_port()}\n"
         'interval = "200ms"\ntimeout = "500ms"\nslow_threshold = "400ms"\n'
-        'critical_after = "0s"\nfailures_to_open = 1000000\n'
+        'critical_after = "0s"\nfailures_to_open = 100\n'
         "[alerts]\n"
         f'webhook_url = "http://127.0.0.1:{hook_port}/hook"\nsend_timeout = "1s"\n'
         "[database]\n"
@@ -257,7 +263,7 @@ def test_a_notify_socket_nobody_reads_does_not_block_the_daemon(tmp_path: Path) 
     root = _root(
         tmp_path,
         f'[watchdog]\napi_port = {port}\ninterval = "100ms"\ntimeout = "100ms"\n'
-        'slow_threshold = "50ms"\nfailures_to_open = 1000000\n'
+        'slow_threshold = "50ms"\nfailures_to_open = 100\n'
         f"[database]\npostgres_port = {free_port()}\n",
     )
     sock_path = Path(tempfile.mkdtemp(prefix="aipbx-notify-")) / "notify"

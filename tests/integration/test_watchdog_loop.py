@@ -224,7 +224,9 @@ SETTINGS = Settings(
     backoff_max=1.0,
     restart_budget=5,
     restart_window=60,
-    critical_after=0.5,
+    # At once: a crash is restarted (and the breaker probes it) within half a second, too
+    # short for any later CRITICAL, and each incident here must alert.
+    critical_after=0.0,
 )
 
 

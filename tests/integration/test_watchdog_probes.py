@@ -5,9 +5,11 @@ request is healthy, and neither server logs anything about the probe hanging up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -22,6 +24,7 @@ from appliance.config import Database
 from appliance.watchdog.checks import Checks, Targets
 from appliance.watchdog.model import Result, Status
 from appliance.watchdog.settings import Settings
+from tests.integration import test_nginx_site as nginx_site
 from tests.integration.procs import PG_BIN, as_postgres, free_port, port_open, stop, wait_for
 from tests.integration.test_watchdog_loop import FakeBackend, FakeServices
 
@@ -220,3 +223,103 @@ def test_certificate_expiry_levels_and_renewal_is_noticed(tmp_path: Path) -> Non
     crt.unlink()
     missing = asyncio.run(run())
     assert missing.status is Status.CRITICAL and "no TLS certificate" in missing.error
+
+
+# --- a stopped process (SIGSTOP): the kernel still completes its TCP handshakes ----------
+
+
+def _tree(pid: int) -> list[int]:
+    import psutil
+
+    p = psutil.Process(pid)
+    return [p.pid, *(c.pid for c in p.children(recursive=True))]
+
+
+@contextlib.contextmanager
+def sigstopped(pid: int) -> Iterator[None]:
+    """SIGSTOP a process we started and all its children (master and workers, postmaster
+    and backends); SIGCONT them after, whatever happens."""
+    pids = _tree(pid)
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+
+
+QUICK = Settings(timeout=0.5, slow=0.4)
+
+
+def _hangs(name: str, t: Targets) -> None:
+    r = check(name, t, QUICK)
+    assert (r.status, r.timed_out, r.error) == (Status.CRITICAL, True, "no answer within 0.5 s")
+
+
+def test_a_stopped_postgresql_or_pgbouncer_fails_within_the_timeout(servers: Servers) -> None:
+    t = targets(servers.db)
+    for name, proc in (("postgresql", servers.pg), ("pgbouncer", servers.bouncer)):
+        assert check(name, t).status is Status.OK
+        with sigstopped(proc.pid):
+            _hangs(name, t)
+        wait_for(lambda n=name: check(n, t).status is Status.OK, what=f"{name} back")  # type: ignore[misc]
+
+
+def test_a_stopped_backend_fails_both_its_checks_within_the_timeout() -> None:
+    backend = FakeBackend(free_port(), free_port())
+    backend.start()
+    try:
+        t = replace(
+            targets(Database()),
+            color="blue",
+            backend_host="127.0.0.1",
+            http_port=backend.http_port,
+            ws_port=backend.ws_port,
+        )
+        assert check("backend_http", t).status is Status.OK
+        assert check("backend_ws", t).status is Status.OK
+        assert backend.proc is not None
+        with sigstopped(backend.proc.pid):
+            _hangs("backend_http", t)
+            _hangs("backend_ws", t)
+    finally:
+        backend.kill()
+
+
+def test_a_stopped_nginx_fails_within_the_timeout() -> None:
+    """Item 8: the check asks nginx's loopback service listener for /aipbx-health, which
+    nginx answers itself (204), so a stopped nginx (master and workers) is found out."""
+    www_root = Path(tempfile.mkdtemp(prefix="aipbx-wd-nginx-"))
+    www_root.chmod(0o755)  # nginx's unprivileged workers traverse it
+    proc, ports = nginx_site._start(www_root, None)
+    try:
+        t = targets(Database(), nginx_port=ports["svc_http"])
+        r = check("nginx", t)
+        assert (r.status, r.detail) == (Status.OK, "GET /aipbx-health: HTTP 204"), r
+        with sigstopped(proc.pid):
+            _hangs("nginx", t)
+        assert check("nginx", t).status is Status.OK
+    finally:
+        stop(proc)
+        shutil.rmtree(www_root)
+
+
+# --- PgBouncer must listen on every address it should (item 10) ---------------------------
+
+
+def test_pgbouncer_not_listening_on_an_address_of_the_host_is_critical(
+    servers: Servers,
+) -> None:
+    """The real PgBouncer listens on 127.0.0.1 only. An address that is on the host but
+    that it does not listen on (as a color's veth that came up after it started) is
+    critical, to be repaired by restarting PgBouncer; an address missing from the host is
+    its namespace unit's to repair."""
+    listen = (("127.0.0.3", "aipbx-netns@blue.service"),)
+    r = check("pgbouncer", targets(servers.db, pgbouncer_listen=listen))
+    assert r.status is Status.CRITICAL and r.unit is None, r
+    assert r.error.startswith(f"PgBouncer does not listen on 127.0.0.3:{servers.db.pgbouncer_port}")
+    gone = (("192.0.2.77", "aipbx-netns@green.service"),)  # TEST-NET-1: on no host
+    r = check("pgbouncer", targets(servers.db, pgbouncer_listen=gone))
+    assert (r.status, r.unit) == (Status.CRITICAL, "aipbx-netns@green.service"), r
+    assert r.error.startswith("192.0.2.77 is not on this host")

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from appliance import migrate, sqlmigrations, upgrade
+from appliance.actions import migrations_cmd
 from appliance.cli import parser
 from appliance.errors import ExitCode, UsageError
+from appliance.paths import Paths
 from appliance.release.manifest import (
     Kind,
     Manifest,
@@ -369,8 +371,9 @@ def test_cli_parses_migrations_and_pack_flags() -> None:
         ]
     )
     assert (a.sql_migrations, a.sql_baseline) == ("migrations/postgres", "never")
-    with pytest.raises(SystemExit):
-        parser().parse_args(["migrations", "mark"])
+    for files, all_ in (([], False), (["x.sql"], True)):  # files or --all, one of them
+        with pytest.raises(UsageError, match="name the files to mark, or --all"):
+            migrations_cmd.run_mark(Paths(Path("/nonexistent")), {"files": files, "all": all_})
 
 
 # --- the upgrade's order (database parts faked) ------------------------------------------------
@@ -491,3 +494,24 @@ def test_the_error_line_knows_which_file_psql_was_reading() -> None:
     assert e == ErrorLine(
         'ERROR:  duplicate key value violates unique constraint "aipbx_schema_migrations_pkey"', 2
     )
+
+
+def test_a_database_from_before_the_appliance_is_refused_until_marked() -> None:
+    a, b = f("a.sql"), f("b.sql")
+    p = plan([a, b], {}, app_tables=55)
+    with pytest.raises(UsageError) as e:
+        sqlmigrations.refuse_unrecorded("aipbx-2", sqlmigrations.DbState(55, False, {}), p)
+    assert "no record of its SQL files" in e.value.message and "Nothing was run" in e.value.message
+    assert "migrations mark --all --release aipbx-2" in (e.value.hint or "")
+    # once the tracking table exists (a mark created it), the pending files run
+    sqlmigrations.refuse_unrecorded("aipbx-2", sqlmigrations.DbState(55, True, {}), p)
+    # an empty database is a baseline, not a refusal
+    empty = plan([a, b], {}, app_tables=0)
+    sqlmigrations.refuse_unrecorded("aipbx-2", sqlmigrations.DbState(0, False, {}), empty)
+
+
+def test_mark_takes_files_or_all() -> None:
+    a = parser().parse_args(["migrations", "mark", "--all"])
+    assert a.all and a.files == []
+    a = parser().parse_args(["migrations", "mark", "x.sql", "y.sql"])
+    assert not a.all and a.files == ["x.sql", "y.sql"]

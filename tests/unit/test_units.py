@@ -138,6 +138,19 @@ def test_pgbouncer_is_skipped_until_setup() -> None:
     assert svc.get("ExecStart") == "/usr/sbin/pgbouncer /etc/aipbx/pgbouncer.ini"
 
 
+def test_pgbouncer_starts_after_both_veths_and_pulls_them_in() -> None:
+    """PgBouncer binds each listen address once, at start: a color's veth that comes up
+    after it is never listened on (issue 11, item 10). Both namespaces come first
+    whenever it starts, alone or with the target."""
+    netns = {"aipbx-netns@blue.service", "aipbx-netns@green.service"}
+    after = {u for v in values("aipbx-pgbouncer.service", "Unit", "After") for u in v.split()}
+    wants = {u for v in values("aipbx-pgbouncer.service", "Unit", "Wants") for u in v.split()}
+    assert netns <= after and netns <= wants
+    # loopback clients need no veth: a namespace that fails must not stop PgBouncer
+    assert not values("aipbx-pgbouncer.service", "Unit", "Requires")
+    assert not values("aipbx-pgbouncer.service", "Unit", "BindsTo")
+
+
 def test_backup_is_a_sandboxed_postgres_oneshot_on_a_daily_timer() -> None:
     u = unit("aipbx-backup.service")
     svc = u["Service"]

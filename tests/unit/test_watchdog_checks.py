@@ -246,14 +246,20 @@ def test_monitor_restarts_a_unit_once_per_opening_and_alerts_once_per_incident()
         await rounds(1)  # the third failure opens both breakers: one restart of the unit
         # a hung backend is killed, not stopped gracefully, then restarted
         assert services.calls == [("kill SIGKILL", UNIT), ("reset_failed", UNIT), ("restart", UNIT)]
+        # The restart returned: the unit is probed every round from now on, and failures
+        # within the cool-down are the unit still starting, not a failed restart.
         runs = checks.runs["backend_http"], checks.runs["backend_ws"]
-        await rounds(4)  # cool-down: they do not run, nothing restarts
-        assert (checks.runs["backend_http"], checks.runs["backend_ws"]) == runs
+        await rounds(4)
+        assert (checks.runs["backend_http"], checks.runs["backend_ws"]) == (
+            runs[0] + 4,
+            runs[1] + 4,
+        )
+        assert m.snapshot()["checks"]["backend_http"]["breaker"] == "half_open"
         assert len(services.restarted_at) == 1
-        await rounds(2)  # the half-open probe fails: open again, second restart
+        await rounds(2)  # still failing past the cool-down: open again, second restart
         assert len(services.restarted_at) == 2
         snap = m.snapshot()
-        assert snap["checks"]["backend_http"]["breaker"] == "open"
+        assert snap["checks"]["backend_http"]["breaker"] == "half_open"
         assert snap["restarts"][UNIT]["total"] == 2
         await rounds(20)  # a third restart, then over budget: no more, one CRITICAL says so
         assert len(services.restarted_at) == 3

@@ -146,3 +146,26 @@ def test_status_shows_the_watchdogs_view() -> None:
     assert format_health(None) == [
         "health:     unknown (the watchdog's /system-health does not answer)"
     ]
+
+
+def test_checks_the_watchdog_could_not_run_are_neither_up_nor_down() -> None:
+    unknown = {**HEALTH["checks"]["nginx"], "state": "unknown", "latency_ms": None}
+    own = {
+        "state": "impaired",
+        "since": "2026-01-01T00:00:00+00:00",
+        "error": "no file descriptor left in the watchdog (EMFILE) (checks not run: nginx)",
+        "restarts_held": True,
+    }
+    health = {**HEALTH, "checks": {"nginx": unknown}, "watchdog": own, "status": "unknown"}
+    s = samples(render(health))
+    assert 'aipbx_check_up{check="nginx"}' not in s
+    assert s['aipbx_check_state{check="nginx",state="unknown"}'] == "1"
+    assert s["aipbx_watchdog_impaired"] == "1"
+    assert (
+        samples(render({**HEALTH, "watchdog": {**own, "state": "ok"}}))["aipbx_watchdog_impaired"]
+        == "0"
+    )
+    text = "\n".join(format_health(health))
+    assert "watchdog:   impaired since 2026-01-01T00:00:00+00:00: no file descriptor" in text
+    assert "restarts nothing" in text
+    assert "watchdog:" not in "\n".join(format_health(HEALTH))
