@@ -162,11 +162,15 @@ def run_bluegreen(
         # would on a bad release; the real app's unpack is slow, the sample's is not)
         wait_until(lambda: realapp.state(m).get("draining"), 300, "the drain of blue")
         time.sleep(max(0.0, t0 + duration * 0.6 - time.time()))
-        rb_code, rb = aipbxctl_json(m, "rollback", "--drain", "30", "--yes", check=False)
+        # green drains until the load ends (its late clients close then), not cut before
+        rt, back = realapp.upgrade_in_thread(m, "rollback", "--drain", str(int(duration * 3)))
+        wait_until(lambda: realapp.live_color(m) == "blue", 300, "the rollback to blue")
         rollback_at = time.time()
         time.sleep(max(0.0, t0 + duration - time.time()))
         doc = realapp.stop_load(m, "bluegreen")
     t.join(900)
+    rt.join(900)
+    rb_code, rb = back.get("code"), back.get("out", {})
     upgrade = up.get("out", {})
     steps = {s["step"]: s["at"] for s in upgrade.get("steps", [])}
     fig = figures(

@@ -70,6 +70,31 @@ _REASONS = {
 }
 
 
+def listening(tables: list[str], port: int) -> bool:
+    """Pure: whether /proc/net/tcp{,6} (their texts) show a socket listening on `port`."""
+    want = f"{port:04X}"
+    for text in tables:
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == want:
+                return True
+    return False
+
+
+def still_listening(port: int) -> bool:
+    """Whether this process's network namespace has a listener on `port`. uvloop closes a
+    server's listening socket when accept() fails with EMFILE (no descriptor left) and
+    still says is_serving(): the daemon checks this and serves again."""
+    tables = []
+    for name in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(name, encoding="ascii") as f:
+                tables.append(f.read())
+        except OSError:
+            continue
+    return listening(tables, port) if tables else True  # cannot tell: assume it is
+
+
 class Server:
     def __init__(self, server: asyncio.AbstractServer) -> None:
         self._server = server

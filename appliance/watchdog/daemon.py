@@ -29,6 +29,8 @@ from appliance.watchdog.backoff import Clock
 from appliance.watchdog.monitor import Monitor
 from appliance.watchdog.settings import Settings, from_config, seconds
 
+API_CHECK_S = 2.0  # how often the API's listener is checked
+
 log = logging.getLogger("aipbx.watchdog")
 
 # How long past its timeout a round may run before the loop counts as stuck.
@@ -149,6 +151,8 @@ async def run(
     if alerter is not None:
         alerter.start()
     started = asyncio.create_task(on_start()) if on_start else None
+    serving = [runner]  # the API server in use (_keep_serving may replace it)
+    keeper = asyncio.create_task(_keep_serving(serving, health, settings, stop))
     notifier.notify("READY=1")
     log.info("watchdog started", extra={"fields": {"action": "start"}})
     try:
@@ -158,10 +162,46 @@ async def run(
         log.info("watchdog stopping", extra={"fields": {"action": "stop"}})
         if started is not None:
             started.cancel()
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
         if alerter is not None:
             await alerter.close()
-        if runner is not None:
-            await runner.cleanup()
+        if serving[0] is not None:
+            await serving[0].cleanup()
+
+
+async def _keep_serving(
+    serving: list[Any],
+    health: Callable[[], dict[str, Any]],
+    settings: Settings,
+    stop: asyncio.Event,
+) -> None:
+    """Serve the API again when its listener is gone (uvloop closes it for good when
+    accept() fails with EMFILE, and still says it serves) or never came up. serving[0] is
+    the server in use."""
+    from appliance.watchdog import api
+
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), API_CHECK_S)
+        if stop.is_set() or (serving[0] is not None and api.still_listening(settings.api_port)):
+            continue
+        if serving[0] is not None:
+            with contextlib.suppress(OSError):
+                await serving[0].cleanup()
+            serving[0] = None
+        try:
+            serving[0] = await api.serve(health, settings.api_bind, settings.api_port)
+        except OSError as e:
+            log.error("cannot serve /system-health yet: %s", e, extra={"fields": {"action": "api"}})
+            continue
+        log.warning(
+            "serving /system-health on %s:%d again (its listener was gone)",
+            settings.api_bind,
+            settings.api_port,
+            extra={"fields": {"action": "api"}},
+        )
 
 
 def load_config(paths: Paths) -> config_mod.Config:

@@ -185,6 +185,8 @@ def test_held_connections_and_no_descriptors_restart_nothing(tmp_path: Path) -> 
             resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (3, hard))
             _until(lambda: b"the watchdog cannot run its checks" in log.read_bytes(), 10, "it")
             time.sleep(2)  # ten rounds without a socket
+            # a client meanwhile: accept() fails with EMFILE, and uvloop closes the listener
+            assert _health(api_port) is None
             resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (1024, hard))
             h = _until(
                 lambda: (x := _health(api_port)) is not None and _all_ok(x) and x, 20, "ok again"

@@ -62,3 +62,17 @@ def test_pings_stop_when_a_round_is_stuck(monkeypatch: pytest.MonkeyPatch) -> No
     last = max(watchdog)
     assert stuck_at < last <= stuck_at + settings.timeout + 0.2 + 0.06
     assert ("STATUS=live color none; checks: 1 ok") in [m for _, m in pings.got]
+
+
+def test_the_api_listener_is_found_in_proc_net_tcp() -> None:
+    from appliance.watchdog.api import listening
+
+    tcp = (
+        "  sl  local_address rem_address   st tx_queue rx_queue\n"
+        "   0: 0100007F:178E 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
+        "   1: 0100007F:178E 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000\n"
+    )
+    assert listening([tcp], 6030)
+    established_only = tcp.splitlines()[0] + "\n" + tcp.splitlines()[2] + "\n"
+    assert not listening([established_only], 6030)
+    assert not listening([tcp], 6031)
