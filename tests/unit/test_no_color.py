@@ -76,9 +76,9 @@ def test_the_filter_leaves_the_text_and_no_control_sequence() -> None:
     )
 
 
-def test_the_app_runs_in_this_process_with_its_output_through_the_filter() -> None:
-    """_through_filter() then exec: what the app writes to stdout and stderr reaches the
-    original stdout without control sequences, and the app keeps the launcher's PID."""
+def _through_filter_then_exec(script: str) -> tuple[int, str]:
+    """Fork; the child does what the launcher does (_through_filter(), then exec the app:
+    here python3 -c `script`) with its stdout on a pipe; (the child's PID, what came out)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -87,8 +87,6 @@ def test_the_app_runs_in_this_process_with_its_output_through_the_filter() -> No
             os.close(r)
             os.close(w)
             launcher._through_filter()
-            script = "import os,sys; print('\\x1b[33mout\\x1b[39m', os.getpid(), flush=True); "
-            script += "print('\\x1b[31merr\\x1b[0m', file=sys.stderr)"
             os.execv(sys.executable, [sys.executable, "-c", script])
         finally:
             os._exit(1)
@@ -96,6 +94,15 @@ def test_the_app_runs_in_this_process_with_its_output_through_the_filter() -> No
     with os.fdopen(r) as f:
         text = f.read()
     os.waitpid(pid, 0)
+    return pid, text
+
+
+def test_the_app_runs_in_this_process_with_its_output_through_the_filter() -> None:
+    """_through_filter() then exec: what the app writes to stdout and stderr reaches the
+    original stdout without control sequences, and the app keeps the launcher's PID."""
+    script = "import os,sys; print('\\x1b[33mout\\x1b[39m', os.getpid(), flush=True); "
+    script += "print('\\x1b[31merr\\x1b[0m', file=sys.stderr)"
+    pid, text = _through_filter_then_exec(script)
     lines = sorted(text.splitlines())
     assert lines == ["err", f"out {pid}"], text
 
@@ -103,26 +110,12 @@ def test_the_app_runs_in_this_process_with_its_output_through_the_filter() -> No
 def test_the_filter_outlives_a_sigterm_and_passes_the_last_lines() -> None:
     """systemd SIGTERMs every process of the unit at a stop: the filter must still pass
     what the app writes while it shuts down, then end at EOF."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.dup2(w, 1)
-            os.close(r)
-            os.close(w)
-            launcher._through_filter()
-            script = (
-                "import os, subprocess, time\n"
-                "print('before', flush=True)\n"
-                "subprocess.run(['pkill', '-TERM', '-P', str(os.getpid())])  # the filter\n"
-                "time.sleep(0.3)\n"
-                "print('\\x1b[31mlast words\\x1b[0m', flush=True)\n"
-            )
-            os.execv(sys.executable, [sys.executable, "-c", script])
-        finally:
-            os._exit(1)
-    os.close(w)
-    with os.fdopen(r) as f:
-        text = f.read()
-    os.waitpid(pid, 0)
+    script = (
+        "import os, subprocess, time\n"
+        "print('before', flush=True)\n"
+        "subprocess.run(['pkill', '-TERM', '-P', str(os.getpid())])  # the filter\n"
+        "time.sleep(0.3)\n"
+        "print('\\x1b[31mlast words\\x1b[0m', flush=True)\n"
+    )
+    _, text = _through_filter_then_exec(script)
     assert text.splitlines() == ["before", "last words"], text
