@@ -22,7 +22,7 @@ from appliance import acme, nft
 from appliance.colors import LIVE_ADDR
 from appliance.errors import AipbxError
 from appliance.services import Services
-from appliance.watchdog import probes
+from appliance.watchdog import meminfo, probes
 from appliance.watchdog.backoff import Clock
 from appliance.watchdog.faults import own_fault
 from appliance.watchdog.model import Result, Status
@@ -67,6 +67,9 @@ NGINX_HEALTH_PATH = "/aipbx-health"
 # from state.json (appliance.reconcile.network).
 SWITCH_UNIT = "nft table inet aipbx"
 HTTP_PATH = "/api"
+# How often PgBouncer is asked whether it still listens on every color's address (it binds
+# them only when it starts); also after each restart and from any failure on.
+ADDRESSES_EVERY_S = 10.0
 T = TypeVar("T")
 WS_PATH = "/socket.io/?EIO=4&transport=websocket"
 
@@ -138,6 +141,12 @@ def cert_level(days_left: int, warn_days: int, crit_days: int) -> Status:
     return Status.OK
 
 
+def _listens_too(answered: Result, addrs: list[str]) -> Result:
+    if addrs and answered.status is Status.OK:
+        return replace(answered, detail=f"{answered.detail}; listens on {', '.join(addrs)} too")
+    return answered
+
+
 def describe(e: BaseException) -> str:
     if isinstance(e, ConnectionRefusedError):
         return "connection refused"
@@ -177,12 +186,20 @@ class Checks:
         }
         self.backups = FileWatch(_load_backup_status)
         self.renewals = RenewalWatch(ttl=max(60.0, settings.interval), clock=clock)
+        # When PgBouncer's addresses were last all found listening (None: look next time).
+        self._addrs_seen: float | None = None
+
+    def recheck_addresses(self) -> None:
+        """A unit was restarted: the next pgbouncer check looks at every address again."""
+        self._addrs_seen = None
 
     async def run(self, check: str, t: Targets) -> Result:
         """One check, never raising, never longer than the timeout."""
         start = self.clock()
         try:
-            return await asyncio.wait_for(self._fns[check](t), self.s.timeout)
+            # Not wait_for: that runs the check in a task of its own, every round.
+            async with asyncio.timeout(self.s.timeout):
+                return await self._fns[check](t)
         except TimeoutError:
             error = f"no answer within {self.s.timeout:g} s"
             return Result(Status.CRITICAL, self.clock() - start, error, timed_out=True)
@@ -271,14 +288,24 @@ class Checks:
         """PgBouncer answers on `host`, and listens on every color's veth address too: one
         that started before a veth was up runs without that address (it binds each one
         once, at start; a reload does not bind again) and the color cannot reach its
-        database. An address missing from the host is its netns unit's to repair."""
+        database. An address missing from the host is its netns unit's to repair.
+
+        PgBouncer binds its addresses only when it starts, so they are looked at every
+        ADDRESSES_EVERY_S, after each restart the watchdog makes, and every round from any
+        failure until they all listen again; the answer on `host` is asked every round."""
         if not t.pgbouncer_set_up:
             return Result(Status.IDLE, detail="not set up yet (aipbxctl setup)")
+        addrs = [addr for addr, _ in t.pgbouncer_listen]
+        now = self.clock()
+        seen, self._addrs_seen = self._addrs_seen, None  # kept only if PgBouncer answers
+        if seen is not None and now - seen < ADDRESSES_EVERY_S:
+            answered = await self._pg(t.host, t.pgbouncer_port, t)
+            self._addrs_seen = seen
+            return _listens_too(answered, addrs)
         for addr, unit in t.pgbouncer_listen:
             if not probes.address_on_host(addr):
                 error = f"{addr} is not on this host ({unit} is down or lost its veth)"
                 return Result(Status.CRITICAL, error=error, unit=unit)
-        addrs = [addr for addr, _ in t.pgbouncer_listen]
         answered, listening = await asyncio.gather(
             self._pg(t.host, t.pgbouncer_port, t), self._listening(addrs, t.pgbouncer_port)
         )
@@ -287,10 +314,8 @@ class Checks:
             where = ", ".join(f"{a}:{t.pgbouncer_port}" for a in missing)
             error = f"PgBouncer does not listen on {where} (it started before the address was up)"
             return Result(Status.CRITICAL, answered.latency, error)
-        if addrs and answered.status is Status.OK:
-            also = ", ".join(addrs)
-            return replace(answered, detail=f"{answered.detail}; listens on {also} too")
-        return answered
+        self._addrs_seen = now
+        return _listens_too(answered, addrs)
 
     async def _listening(self, addrs: list[str], port: int) -> list[bool]:
         """Whether something listens on each addr:port (addresses of this host: the kernel
@@ -327,9 +352,7 @@ class Checks:
         return Result(status, error=f"low disk space: {low}", detail=text)
 
     async def memory(self, t: Targets) -> Result:
-        import psutil  # here, so that importing this module stays cheap for aipbxctl
-
-        used = float(psutil.virtual_memory().percent)
+        used = meminfo.read_used_pct()
         text = f"{used:.0f}% of memory used"
         if used > self.s.memory_warn_pct:
             return Result(Status.WARNING, error=f"memory: {text}", detail=text)

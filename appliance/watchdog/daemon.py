@@ -111,7 +111,7 @@ async def supervise(
         await _round(monitor, settings.timeout, notifier, clock, grace)
         after_round()
         notifier.notify("WATCHDOG=1")
-        line = status_line(monitor.snapshot())
+        line = status_line(monitor.summary())  # every round: not the whole snapshot
         if line != last_status:
             notifier.notify(f"STATUS={line}")
             last_status = line
@@ -185,7 +185,7 @@ async def _keep_serving(
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), API_CHECK_S)
-        if stop.is_set() or (serving[0] is not None and api.still_listening(settings.api_port)):
+        if stop.is_set() or (serving[0] is not None and serving[0].listening()):
             continue
         if serving[0] is not None:
             with contextlib.suppress(OSError):

@@ -285,6 +285,7 @@ class Monitor:
             log.info("%sed %s", verb, unit, extra={"fields": {**fields, "outcome": "ok"}})
         finally:
             del self._restarting[unit]
+            self.checks.recheck_addresses()  # PgBouncer binds its addresses when it starts
             now = self.clock()
             for cs in self.states.values():  # probe what the restart did, from now on
                 if cs.unit == unit:
@@ -388,3 +389,6 @@ class Monitor:
 
     def snapshot(self) -> dict[str, Any]:
         return view.snapshot(self)
+
+    def summary(self) -> dict[str, Any]:
+        return view.summary(self)

@@ -25,6 +25,7 @@ class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._written: str | None = None
+        self._saved: dict[str, Any] | None = None  # the doc behind _written, once saved
         self._failing = False
 
     def load(self) -> dict[str, Any]:
@@ -48,8 +49,11 @@ class Spool:
 
     def save(self, monitor: dict[str, Any], queues: dict[str, Any]) -> None:
         doc = {"schema": SCHEMA, "monitor": monitor, "queues": queues}
+        if doc == self._saved:  # called every round: compared, not serialized, first
+            return
         text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
         if text == self._written:
+            self._saved = doc
             return
         try:
             atomic_write(self.path, text, mode=0o600)
@@ -62,3 +66,4 @@ class Spool:
             log.info("%s is written again", self.path)
         self._failing = False
         self._written = text
+        self._saved = doc

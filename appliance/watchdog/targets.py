@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from appliance import acme, pgbouncer, state, tls_store
@@ -67,6 +68,10 @@ def connect_host(bind: str) -> str:
 
 
 class LiveTargets:
+    """Called every round: what follows from the config is worked out once, here; what
+    can change (the live color, the certificate served, PgBouncer set up, the cluster's
+    unit) is looked at each time, and the same Targets returned while none of it moved."""
+
     def __init__(self, cfg: Config, paths: Paths) -> None:
         self.cfg = cfg
         self.paths = paths
@@ -79,6 +84,14 @@ class LiveTargets:
             for addr, c in pgbouncer.listen_addrs(net)
             if c is not None
         )
+        self._ns_addr = {c: color_net(net, c).ns_addr for c in Color}
+        self._state = paths.state
+        self._ini = paths.pgbouncer_ini
+        self._tls_link = paths.tls_served / tls_store.CURRENT
+        self._cert: tuple[str, Path] | None = None  # (the link's target, cert_path then)
+        self._base = self._static()
+        self._made: tuple[object, ...] | None = None
+        self._targets = self._base
 
     def cluster(self) -> str | None:
         """Looked for until found (the package may be set up after the watchdog started)."""
@@ -88,29 +101,38 @@ class LiveTargets:
             self._cluster = cluster_unit(root / "etc/postgresql", port, root / "run/postgresql")
         return self._cluster
 
+    def cert(self) -> Path:
+        """cert_path, worked out again only when the store's link moves: one readlink a
+        round. Without the link (before setup placed a certificate), every round."""
+        try:
+            target = os.readlink(self._tls_link)
+        except OSError:
+            return cert_path(self.cfg, self.paths)
+        if self._cert is None or self._cert[0] != target:
+            self._cert = (target, cert_path(self.cfg, self.paths))
+        return self._cert[1]
+
     def live_color(self) -> Color | None:
         try:
-            st = os.stat(self.paths.state)
+            st = os.stat(self._state)
         except FileNotFoundError:
             self._key, self._color = None, None
             return None
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key != self._key:
             try:
-                self._color = state.load(self.paths.state).live_color
+                self._color = state.load(self._state).live_color
             except Exception as e:  # keep the last known color; say so once per change
                 log.error("%s", e, extra={"fields": {"action": "read_state"}})
             self._key = key
         return self._color
 
-    def __call__(self) -> Targets:
-        color = self.live_color()
+    def _static(self) -> Targets:
         c = self.cfg
-        ns_addr = color_net(c.network.subnet, color).ns_addr if color else ""
         return Targets(
-            color=str(color) if color else None,
-            backend_host=ns_addr,
-            backend_unit=backend_unit(str(color)) if color else "",
+            color=None,
+            backend_host="",
+            backend_unit="",
             http_port=c.backend.http_port,
             ws_port=c.backend.ws_port,
             # nginx's loopback service listener answers /aipbx-health itself
@@ -118,13 +140,28 @@ class LiveTargets:
             nginx_port=c.backend.http_port,
             postgres_port=c.database.postgres_port,
             pgbouncer_port=c.database.pgbouncer_port,
-            pgbouncer_set_up=self.paths.pgbouncer_ini.exists(),
+            pgbouncer_set_up=False,
             db_user=c.database.user,
             db_name=c.database.name,
             disk_paths=(self.paths.var, self.paths.opt, self.paths.backups),
-            cert=cert_path(c, self.paths),
+            cert=None,
             backup_status=self.paths.var / "backup-status.json",
             renewal_status=acme.status_path(self.paths),
-            postgres_cluster=self.cluster(),
             pgbouncer_listen=self._listen,
         )
+
+    def __call__(self) -> Targets:
+        color = self.live_color()
+        made = (color, self._ini.exists(), self.cert(), self.cluster())
+        if made != self._made:
+            self._made = made
+            self._targets = replace(
+                self._base,
+                color=str(color) if color else None,
+                backend_host=self._ns_addr[color] if color else "",
+                backend_unit=backend_unit(str(color)) if color else "",
+                pgbouncer_set_up=made[1],
+                cert=made[2],
+                postgres_cluster=made[3],
+            )
+        return self._targets

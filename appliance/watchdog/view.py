@@ -65,3 +65,13 @@ def snapshot(m: Monitor) -> dict[str, Any]:
             "restarts_held": own.impaired,
         },
     }
+
+
+def summary(m: Monitor) -> dict[str, Any]:
+    """What the daemon's status line needs after every round: the part of `snapshot` that
+    is cheap (no times, no restarts)."""
+    t = m.current
+    return {
+        "live_color": t.color if t else None,
+        "checks": {cs.name: {"state": str(cs.result.status)} for cs in m.states.values()},
+    }

@@ -189,6 +189,9 @@ class ScriptedChecks:
         status = self.status.get(check, Status.OK)
         return Result(status, 0.05, "" if status is Status.OK else "refused")
 
+    def recheck_addresses(self) -> None:
+        pass
+
 
 class Alerts:
     def __init__(self) -> None:

@@ -4,6 +4,7 @@ pinging when a round is stuck, so that WatchdogSec= kills the daemon."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -35,6 +36,9 @@ class FakeMonitor:
     def snapshot(self) -> dict[str, Any]:
         return {"live_color": None, "checks": {"disk": {"state": "ok"}}}
 
+    def summary(self) -> dict[str, Any]:
+        return self.snapshot()
+
 
 def test_pings_stop_when_a_round_is_stuck(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "100000")  # ping every 50 ms
@@ -64,15 +68,26 @@ def test_pings_stop_when_a_round_is_stuck(monkeypatch: pytest.MonkeyPatch) -> No
     assert ("STATUS=live color none; checks: 1 ok") in [m for _, m in pings.got]
 
 
-def test_the_api_listener_is_found_in_proc_net_tcp() -> None:
-    from appliance.watchdog.api import listening
+def test_the_api_listener_is_known_gone_when_its_socket_is_closed() -> None:
+    """uvloop closes the listening socket when accept() fails with EMFILE: the daemon
+    serves again once the socket is closed, or its descriptor holds another file."""
+    import socket
 
-    tcp = (
-        "  sl  local_address rem_address   st tx_queue rx_queue\n"
-        "   0: 0100007F:178E 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
-        "   1: 0100007F:178E 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000\n"
-    )
-    assert listening([tcp], 6030)
-    established_only = tcp.splitlines()[0] + "\n" + tcp.splitlines()[2] + "\n"
-    assert not listening([established_only], 6030)
-    assert not listening([tcp], 6031)
+    from appliance.watchdog.api import Server
+
+    class Fake:
+        def __init__(self, sockets: list[socket.socket]) -> None:
+            self.sockets = sockets
+
+    s = socket.socket()
+    with s, open(__file__, "rb") as other:
+        server = Server(Fake([s]))  # type: ignore[arg-type]
+        assert server.listening()
+        fd = s.fileno()
+        s.close()
+        assert not server.listening()  # closed
+        os.dup2(other.fileno(), fd)  # the same number, another file
+        try:
+            assert not server.listening()
+        finally:
+            os.close(fd)

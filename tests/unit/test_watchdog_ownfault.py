@@ -163,6 +163,9 @@ class Scripted:
         self.clock.now += 0.05
         return self.results.get(check, Result(Status.OK, 0.05, detail="fine"))
 
+    def recheck_addresses(self) -> None:
+        pass
+
 
 UNKNOWN = Result(Status.UNKNOWN, error="no file descriptor left in the watchdog (EMFILE)")
 REFUSED = Result(Status.CRITICAL, 0.01, "connection refused")
