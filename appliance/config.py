@@ -62,6 +62,9 @@ class Nginx:
     rate_limit_exempt: tuple[str, ...] = ("127.0.0.1", "::1")
     # How long old workers may keep WebSocket connections after a reload (the drain).
     worker_shutdown_timeout: str = field(default="30m", metadata=_check(v.duration_seconds))
+    # Add `preload` to HSTS (sent only with a CA-issued certificate): a request to be on
+    # browsers' preload lists, for the whole registrable domain; off unless its owner says.
+    hsts_preload: bool = False
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ def render_site(
         nginx=cfg.nginx,
         backend=cfg.backend,
         server_name=cfg.site.domain or "_",
+        domain=cfg.site.domain,
+        self_signed=tls_files(cfg, paths).cert == paths.selfsigned_cert,
         tls_dir=tls_dir or tls_store.served_dir(paths),
         ipv6=ipv6,
         upstream_path=paths.nginx_upstream,

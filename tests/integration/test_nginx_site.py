@@ -58,10 +58,12 @@ def _curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _start(
-    tmp: Path, backend_port: int | None, *, maintenance: bool = False
+    tmp: Path, backend_port: int | None, *, maintenance: bool = False, ca_issued: bool = True
 ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """`ca_issued`: serve the certificate as certbot's for the domain `pbx.example.com` (HSTS is
+    sent); otherwise as the self-signed default with no domain configured."""
     ports = {k: free_port() for k in ("http", "https", "svc_http", "svc_ws")}
-    base = config.parse("")
+    base = config.parse('[site]\ndomain = "pbx.example.com"\n' if ca_issued else "")
     cfg = replace(
         base,
         nginx=replace(
@@ -74,6 +76,11 @@ def _start(
     )
     paths = Paths(tmp)
     cert.make_selfsigned(paths.selfsigned_cert, paths.selfsigned_key, ["localhost", "127.0.0.1"])
+    if ca_issued:
+        live = tmp / "etc/letsencrypt/live/pbx.example.com"
+        live.mkdir(parents=True)
+        shutil.copy(paths.selfsigned_cert, live / "fullchain.pem")
+        shutil.copy(paths.selfsigned_key, live / "privkey.pem")
     # What setup does: a checked copy in the store, which the workers read at each handshake.
     placed = tls_store.place(paths, paths.selfsigned_cert, paths.selfsigned_key, kind="x")
     tls_store.commit(paths, placed.dir)
@@ -135,7 +142,7 @@ def test_tls_site_with_headers_routes_and_redirect(www_root: Path, backend: int)
         http = f"http://127.0.0.1:{ports['http']}"
         assert _curl(f"{http}/.well-known/acme-challenge/tok").stdout == "challenge-ok"
         redirect = _curl("-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", f"{http}/x")
-        assert redirect.stdout == f"301 https://127.0.0.1:{ports['https']}/x"
+        assert redirect.stdout == f"301 https://pbx.example.com:{ports['https']}/x"
         # the host's service port follows the live color
         assert "api /api/x" in _curl(f"http://127.0.0.1:{ports['svc_http']}/api/x").stdout
         # a body over client_max_body_size is refused by nginx
@@ -179,7 +186,7 @@ APP_HEADERS = {
 }
 # The appliance's (nginx/site.conf.j2), lower-cased as HTTP/2 sends them.
 OURS = {
-    "strict-transport-security": "max-age=63072000; includeSubDomains; preload",
+    "strict-transport-security": "max-age=63072000; includeSubDomains",
     "x-xss-protection": "1; mode=block",
     "referrer-policy": "strict-origin-when-cross-origin",
     "x-frame-options": "SAMEORIGIN",
@@ -315,5 +322,54 @@ def test_nginx_answers_the_watchdogs_health_request_itself(
         r = _curl("-o", "/dev/null", "-w", "%{http_code}", f"{svc}/aipbx-healthz")
         # not ours: proxied to the live color (none here), or refused in maintenance
         assert r.stdout == ("503" if maintenance else "502")
+    finally:
+        stop(proc)
+
+
+# --- the edges a client can poke (issue 11, item 4) ----------------------------------------
+
+
+def _head(url: str, *extra: str) -> str:
+    """The answer's status line and headers, lower-cased."""
+    return _curl("-o", "/dev/null", "-D", "-", *extra, url).stdout.lower()
+
+
+@pytest.mark.parametrize("ca_issued", [False, True])
+def test_http_edges_redirect_tokens_hsts_and_no_frontend(
+    www_root: Path, app: int, ca_issued: bool
+) -> None:
+    proc, ports = _start(www_root, app, ca_issued=ca_issued)
+    try:
+        http = f"http://127.0.0.1:{ports['http']}"
+        https = f"https://127.0.0.1:{ports['https']}"
+        # the redirect never reflects the client's Host header
+        for host in ("evil.example", "127.0.0.1", "localhost"):
+            head = _head(f"{http}/x?y=1", "-H", f"Host: {host}")
+            assert head.startswith("http/1.1 301"), head
+            want = "pbx.example.com" if ca_issued else "127.0.0.1"
+            assert f"location: https://{want}:{ports['https']}/x?y=1\n" in head, head
+            assert "evil" not in head
+        # no port announces nginx's version, on answers and on nginx's own error pages
+        for url in (
+            f"{http}/x",
+            f"{http}/.well-known/acme-challenge/missing",
+            f"{https}/api/x",
+            f"{https}/missing.3f2a9c.js",
+            f"http://127.0.0.1:{ports['svc_http']}/x",
+            f"http://127.0.0.1:{ports['svc_ws']}/x",
+        ):
+            head = _head(url)
+            assert "server: nginx\n" in head, (url, head)
+        # HSTS only with a CA-issued certificate, never `preload` by default; the app's
+        # own HSTS never gets through
+        for path in ("/api/x", "/static/x.jpg", "/socket.io/x"):
+            _, headers, _ = _get(f"{https}{path}", www_root)
+            hsts = _values(headers, "strict-transport-security")
+            assert hsts == (["max-age=63072000; includeSubDomains"] if ca_issued else []), path
+        # no frontend deployed: GET / is a plain 404 that says so, with no rewrite cycle
+        for path in ("/", "/calls/42", "/index.html"):
+            status, _, body = _get(f"{https}{path}", www_root)
+            assert (status, body) == (404, b"no frontend is deployed on this appliance\n"), path
+        assert "cycle" not in (www_root / "error.log").read_text()
     finally:
         stop(proc)

@@ -247,11 +247,36 @@ def test_issue_serves_a_chain_from_pebble(machine: Machine) -> None:
     assert st["source"] == f"{LIVE}/fullchain.pem" and st["serving"] == done["serving"]
     assert st["renewal"]["problem"] is None
     assert st["renewal"]["last_renewal"]["serial"] == now["serial"]
-    # plain HTTP still redirects; the ACME path is served from the webroot
+    # plain HTTP still redirects, to the domain whatever Host the client sent
     redirect = machine.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{DOMAIN}/api/"]
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "-H",
+            "Host: evil.example",
+            f"http://{DOMAIN}/api/",
+        ]
     )
-    assert redirect.stdout == "301"
+    assert redirect.stdout == f"301 https://{DOMAIN}/api/"
+    # a CA's certificate: now HSTS is sent (no `preload` unless nginx.hsts_preload)
+    head = machine.run(
+        [
+            "curl",
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "--resolve",
+            f"{DOMAIN}:443:127.0.0.1",
+            f"https://{DOMAIN}/api/",
+        ]
+    ).stdout.lower()
+    assert "strict-transport-security: max-age=63072000; includesubdomains\r\n" in head, head
     say(
         f"issued serial {now['serial']} by {intermediate} in {took:.1f} s "
         f"(certbot part {done['seconds']} s)"

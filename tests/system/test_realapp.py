@@ -125,18 +125,19 @@ def test_static_files_through_nginx(machine: Machine, app: dict[str, Any]) -> No
     ) == ["max-age=604800, public"], headers.get("cache-control")
     # one value of each security header, the appliance's
     for name in (
-        "strict-transport-security",
         "x-frame-options",
         "x-content-type-options",
         "x-xss-protection",
         "referrer-policy",
     ):
         assert len(headers.get(name, [])) == 1, (name, headers.get(name))
-    assert headers["strict-transport-security"] == ["max-age=63072000; includeSubDomains; preload"]
+    # the self-signed default: no HSTS from nginx, and the app's own (helmet's) is dropped
+    assert "strict-transport-security" not in headers
     assert headers["referrer-policy"] == ["strict-origin-when-cross-origin"]
     _, api_headers, _ = curl(machine, "/api/")
-    for name in ("strict-transport-security", "x-xss-protection", "referrer-policy"):
+    for name in ("x-xss-protection", "referrer-policy"):
         assert len(api_headers.get(name, [])) == 1, (name, api_headers.get(name))
+    assert "strict-transport-security" not in api_headers
 
 
 def test_the_app_writes_an_upload_into_its_shared_dir(machine: Machine) -> None:

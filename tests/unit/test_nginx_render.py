@@ -20,10 +20,11 @@ def test_site_has_seed_routes_headers_and_limits(tmp_path: Path) -> None:
         "location /.well-known/acme-challenge/ {",
         "limit_req_zone $aipbx_limit_key zone=aipbx_api:10m rate=20r/s;",
         "client_max_body_size 50m;",
-        'add_header Strict-Transport-Security "max-age=63072000; includeSubDomains; preload"',
         'add_header X-Frame-Options "SAMEORIGIN" always;',
         "proxy_set_header Upgrade $http_upgrade;",
-        "try_files $uri $uri/ /index.html;",
+        "try_files $uri $uri/ /index.html @aipbx_no_frontend;",
+        # the redirect names the configured domain, never the client's Host header
+        "return 301 https://pbx.example.com$request_uri;",
         "listen 127.0.0.1:5005;",
         "listen 127.0.0.1:3033;",
         f"include {tmp_path}/etc/aipbx/nginx-upstream.conf;",
@@ -82,16 +83,30 @@ def test_backend_routes_win_over_the_spa_asset_regex(tmp_path: Path, maintenance
             assert "return 503;" in locations[head], head
 
 
-def test_every_proxied_location_hides_the_apps_version_of_our_headers(tmp_path: Path) -> None:
-    site = nginx.render_site(config.parse(""), Paths(tmp_path), ipv6=False)
+def _ca_issued(tmp_path: Path, domain: str = "pbx.example.com") -> config.Config:
+    """A config whose domain has a certbot certificate (tls_files only looks for the files)."""
+    live = tmp_path / "etc/letsencrypt/live" / domain
+    live.mkdir(parents=True)
+    (live / "fullchain.pem").write_text("x")
+    (live / "privkey.pem").write_text("x")
+    return config.parse(f'[site]\ndomain = "{domain}"\n')
+
+
+@pytest.mark.parametrize("ca_issued", [False, True])
+def test_every_proxied_location_hides_the_apps_version_of_our_headers(
+    tmp_path: Path, ca_issued: bool
+) -> None:
+    cfg = _ca_issued(tmp_path) if ca_issued else config.parse("")
+    site = nginx.render_site(cfg, Paths(tmp_path), ipv6=False)
     server_level = site.split("listen 443 ssl")[1].split("    location")[0]
     ours = _header_names(server_level, "add_header")
-    assert "strict-transport-security" in ours and "referrer-policy" in ours
+    assert "referrer-policy" in ours
+    assert ("strict-transport-security" in ours) == ca_issued
     proxied = {h: b for h, b in _tls_locations(site).items() if "proxy_pass" in b}
     assert len(proxied) == 5
     for head, body in proxied.items():
         hidden = _header_names(body, "proxy_hide_header")
-        assert ours <= hidden, (head, ours - hidden)
+        assert ours | {"strict-transport-security"} <= hidden, (head, ours - hidden)
         # whatever a location adds itself is hidden from the app too
         assert _header_names(body, "add_header") <= hidden, head
     static = proxied["^~ /static/"]
@@ -147,3 +162,35 @@ def test_test_conf_swaps_in_the_candidates(tmp_path: Path) -> None:
     assert f"include {site};" in out and f"include {main};" in out
     assert "aipbx.conf" not in out
     assert nginx._test_main_conf("http {}", Paths(tmp_path), site, main) is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "ca_issued", "want"),
+    [
+        ("", False, None),
+        ("[nginx]\nhsts_preload = true\n", False, None),
+        ("", True, "max-age=63072000; includeSubDomains"),
+        ("[nginx]\nhsts_preload = true\n", True, "max-age=63072000; includeSubDomains; preload"),
+    ],
+)
+def test_hsts_only_with_a_ca_issued_certificate_and_preload_only_when_asked(
+    tmp_path: Path, toml: str, ca_issued: bool, want: str | None
+) -> None:
+    cfg = _ca_issued(tmp_path) if ca_issued else config.parse("")
+    cfg = config.parse(toml + (f'[site]\ndomain = "{cfg.site.domain}"\n' if ca_issued else ""))
+    site = nginx.render_site(cfg, Paths(tmp_path), ipv6=False)
+    sent = {ln.split('"')[1] for ln in site.splitlines() if "add_header Strict-Transport" in ln}
+    assert sent == ({want} if want else set())
+
+
+def test_the_redirect_never_uses_the_clients_host_header(tmp_path: Path) -> None:
+    for cfg in (config.parse(""), config.parse('[site]\ndomain = "pbx.example.com"\n')):
+        site = nginx.render_site(cfg, Paths(tmp_path), ipv6=True)
+        assert "$host" not in site.split("return 301")[1].splitlines()[0]
+    # every server block hides nginx's version
+    assert site.count("server {") == site.count("server_tokens off;") == 4
+
+
+def test_hsts_preload_must_be_a_boolean() -> None:
+    with pytest.raises(config.ConfigError, match="hsts_preload"):
+        config.parse('[nginx]\nhsts_preload = "yes"\n')
