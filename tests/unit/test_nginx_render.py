@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from appliance import config, nginx
+from appliance.errors import ConfigError
 from appliance.paths import Paths
 
 
@@ -192,5 +193,5 @@ def test_the_redirect_never_uses_the_clients_host_header(tmp_path: Path) -> None
 
 
 def test_hsts_preload_must_be_a_boolean() -> None:
-    with pytest.raises(config.ConfigError, match="hsts_preload"):
+    with pytest.raises(ConfigError, match="hsts_preload"):
         config.parse('[nginx]\nhsts_preload = "yes"\n')
