@@ -13,6 +13,7 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -38,25 +39,35 @@ ROUND_GRACE = 5.0
 
 
 class Notifier:
-    """sd_notify through python3-sdnotify; silent when not run by systemd.
+    """sd_notify(3) in a few lines of the standard library (a datagram to $NOTIFY_SOCKET,
+    `@` for the abstract namespace); silent when not run by systemd.
 
-    The socket is made non-blocking: sdnotify's is blocking, and a datagram socket whose
-    reader lags (its queue holds net.unix.max_dgram_qlen = 10 messages) would block the
-    event loop in the middle of a ping, signals and all. A ping that does not fit is
-    dropped (sdnotify ignores the error); the next one follows within half of WatchdogSec."""
+    The socket is non-blocking: a datagram socket whose reader lags (its queue holds
+    net.unix.max_dgram_qlen = 10 messages) would block the event loop in the middle of a
+    ping, signals and all. A ping that does not fit is dropped; the next one follows within
+    half of WatchdogSec."""
 
     def __init__(self) -> None:
-        self._n = None
-        if os.environ.get("NOTIFY_SOCKET"):
-            import sdnotify
-
-            self._n = sdnotify.SystemdNotifier()
-            if self._n.socket is not None:
-                self._n.socket.setblocking(False)
+        self._sock: socket.socket | None = None
+        self._addr = notify_address(os.environ.get("NOTIFY_SOCKET", ""))
+        if self._addr is not None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)
 
     def notify(self, msg: str) -> None:
-        if self._n is not None:
-            self._n.notify(msg)
+        if self._sock is not None and self._addr is not None:
+            with contextlib.suppress(OSError):
+                self._sock.sendto(msg.encode(), self._addr)
+
+
+def notify_address(value: str) -> str | bytes | None:
+    """$NOTIFY_SOCKET as an address for sendto: a path, or `@name` for the abstract
+    namespace (a leading NUL byte). None when unset or not a unix socket (`vsock:...`)."""
+    if value.startswith("@"):
+        return b"\0" + value[1:].encode()
+    if value.startswith("/"):
+        return value
+    return None
 
 
 def ping_interval() -> float:

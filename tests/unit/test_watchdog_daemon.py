@@ -91,3 +91,33 @@ def test_the_api_listener_is_known_gone_when_its_socket_is_closed() -> None:
             assert not server.listening()
         finally:
             os.close(fd)
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notifier_sends_sd_notify_datagrams(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, abstract: bool
+) -> None:
+    import socket
+
+    name = f"aipbx-notify-test-{os.getpid()}"
+    recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        recv.bind(b"\0" + name.encode())
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    else:
+        recv.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    recv.settimeout(5)
+    with recv:
+        n = daemon.Notifier()
+        n.notify("READY=1")
+        n.notify("WATCHDOG=1")
+        assert [recv.recv(64), recv.recv(64)] == [b"READY=1", b"WATCHDOG=1"]
+
+
+def test_notifier_is_silent_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    daemon.Notifier().notify("READY=1")  # nothing to send to, no error
+    assert daemon.notify_address("vsock:2:1234") is None
+    assert daemon.notify_address("/run/systemd/notify") == "/run/systemd/notify"
+    assert daemon.notify_address("@x") == b"\0x"
