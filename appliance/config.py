@@ -210,6 +210,10 @@ def _watchdog_cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str])
     for key in ("interval", "timeout", "cooldown", "backoff_initial", "restart_window"):
         if duration_ms(getattr(w, key)) == 0:
             errors.append(f"{where(('watchdog', key))}: watchdog.{key} must be longer than 0")
+        elif key in ("interval", "timeout") and duration_ms(getattr(w, key)) < 100:
+            # every check of every service, ten times a second or more: the watchdog
+            # would take a core of the PBX it guards
+            errors.append(f"{where(('watchdog', key))}: watchdog.{key} must be at least 100ms")
     if duration_ms(w.slow_threshold) >= duration_ms(w.timeout):
         errors.append(
             f"{where(('watchdog', 'slow_threshold'))}: watchdog.slow_threshold must be "
@@ -291,18 +295,79 @@ def _build_section(
     return cls(**values), errors
 
 
-def _cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str]) -> list[str]:
+# The TCP ports the appliance listens on (nginx serves the backend's two on service_bind),
+# in the order a clash is reported: the later key of two equal ones is named.
+_TCP_PORTS = (
+    ("backend", "http_port"),
+    ("backend", "ws_port"),
+    ("nginx", "http_port"),
+    ("nginx", "https_port"),
+    ("database", "postgres_port"),
+    ("database", "pgbouncer_port"),
+    ("watchdog", "api_port"),
+)
+# Durations that break the appliance when shorter: 0 s keeps nginx's old workers forever
+# (no shutdown timer) or fails every upgrade's health gate.
+_MIN_SECONDS = {
+    ("nginx", "worker_shutdown_timeout"): 1,
+    ("upgrade", "health_timeout"): 1,
+}
+# Names PostgreSQL or PgBouncer already use: the backend would own (or be) them.
+_RESERVED_DATABASES = {"postgres", "template0", "template1", "pgbouncer"}
+_RESERVED_ROLES = {"postgres", "pgbouncer", "public", "none"}
+
+
+def _port_clashes(cfg: Config, where: Callable[[tuple[str, ...]], str]) -> list[str]:
+    """Each port two keys share, reported at the key written lowest in the file (the one
+    the operator set, when the other is a default)."""
+    by_port: dict[int, list[tuple[str, str]]] = {}
+    for section, key in _TCP_PORTS:
+        by_port.setdefault(getattr(getattr(cfg, section), key), []).append((section, key))
     errors: list[str] = []
-    b = cfg.backend
-    ports = {"backend.http_port": b.http_port, "backend.ws_port": b.ws_port}
-    if b.http_port == b.ws_port:
-        errors.append(f"{where(('backend', 'ws_port'))}: backend.ws_port equals backend.http_port")
+    for port, keys in by_port.items():
+        if len(keys) < 2:
+            continue
+        at = max(keys, key=lambda k: int(where(k).rsplit(":", 1)[1]))
+        others = " and ".join(f"{s}.{k}" for s, k in keys if (s, k) != at)
+        errors.append(
+            f"{where(at)}: {at[0]}.{at[1]} {port} is also {others}: each TCP port the "
+            "appliance listens on must be its own"
+        )
+    return errors
+
+
+def _host_cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str]) -> list[str]:
+    errors = _port_clashes(cfg, where)
+    for (section, key), least in _MIN_SECONDS.items():
+        if v.duration_seconds(getattr(getattr(cfg, section), key)) < least:
+            errors.append(f"{where((section, key))}: {section}.{key} must be at least {least}s")
+    if v.size_bytes(cfg.nginx.client_max_body_size) == 0:
+        errors.append(
+            f"{where(('nginx', 'client_max_body_size'))}: nginx.client_max_body_size 0 "
+            "lifts nginx's limit; give a size like 50m"
+        )
+    if v.size_bytes(cfg.releases.max_unpacked_size) < 1 << 20:
+        errors.append(
+            f"{where(('releases', 'max_unpacked_size'))}: releases.max_unpacked_size must be "
+            "at least 1m"
+        )
+    db = cfg.database
+    if db.name in _RESERVED_DATABASES:
+        errors.append(
+            f"{where(('database', 'name'))}: database.name {db.name!r} is PostgreSQL's or "
+            "PgBouncer's own database"
+        )
+    if db.user in _RESERVED_ROLES or db.user.startswith("pg_"):
+        errors.append(
+            f"{where(('database', 'user'))}: database.user {db.user!r} is a role PostgreSQL "
+            "reserves or a superuser: the backend needs a role of its own"
+        )
+    return errors
+
+
+def _cross_checks(cfg: Config, where: Callable[[tuple[str, ...]], str]) -> list[str]:
+    errors = _host_cross_checks(cfg, where)
     n = cfg.nginx
-    for key, p in (("http_port", n.http_port), ("https_port", n.https_port)):
-        if p in ports.values():
-            errors.append(f"{where(('nginx', key))}: nginx.{key} {p} clashes with a backend port")
-    if n.http_port == n.https_port:
-        errors.append(f"{where(('nginx', 'https_port'))}: nginx.https_port equals http_port")
     for addr in n.rate_limit_exempt:
         try:
             ipaddress.ip_network(addr, strict=False)

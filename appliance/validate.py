@@ -216,6 +216,8 @@ def duration_seconds(v: str | int) -> int:
 def rate(v: str) -> str:
     if not _RATE.fullmatch(v):
         raise ValueError(f"{v!r} is not a rate like 10r/s or 3r/m")
+    if int(v.split("r/")[0]) == 0:
+        raise ValueError(f"{v!r}: a rate of 0 refuses every request (nginx refuses it too)")
     return v
 
 

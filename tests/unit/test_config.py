@@ -72,7 +72,56 @@ def test_syntax_error_has_line() -> None:
 
 def test_port_clash_is_refused() -> None:
     (err,) = errors_of("[backend]\nws_port = 5005\n")
-    assert "ws_port equals backend.http_port" in err
+    assert "aipbx.toml:2: backend.ws_port 5005 is also backend.http_port" in err
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        (
+            "[database]\npgbouncer_port = 5432\n",
+            "database.pgbouncer_port 5432 is also database.postgres_port",
+        ),
+        (
+            "[nginx]\nhttp_port = 5432\n",
+            "nginx.http_port 5432 is also",
+        ),  # reported at postgres_port
+        ("[watchdog]\napi_port = 443\n", "watchdog.api_port 443 is also nginx.https_port"),
+        ("[watchdog]\napi_port = 5005\n", "watchdog.api_port 5005 is also backend.http_port"),
+        ("[nginx]\nhttps_port = 6432\n", "nginx.https_port 6432 is also database.pgbouncer_port"),
+        ("[nginx]\nhttp_port = 443\n", "nginx.http_port 443 is also nginx.https_port"),
+    ],
+)
+def test_every_tcp_port_the_appliance_listens_on_is_its_own(toml: str, named: str) -> None:
+    (err,) = errors_of(toml)
+    assert named in err, err
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[nginx]\napi_rate = "0r/s"\n', "a rate of 0 refuses every request"),
+        ('[nginx]\nlogin_rate = "0r/m"\n', "a rate of 0 refuses every request"),
+        (
+            '[nginx]\nworker_shutdown_timeout = "0s"\n',
+            "worker_shutdown_timeout must be at least 1s",
+        ),
+        ('[upgrade]\nhealth_timeout = "0s"\n', "health_timeout must be at least 1s"),
+        ('[nginx]\nclient_max_body_size = "0"\n', "client_max_body_size 0 lifts nginx's limit"),
+        ('[releases]\nmax_unpacked_size = "1"\n', "max_unpacked_size must be at least 1m"),
+        (
+            '[watchdog]\ninterval = "1ms"\ntimeout = "1ms"\nslow_threshold = "0s"\n',
+            "interval must be at least 100ms",
+        ),
+        ('[database]\nname = "postgres"\n', "PostgreSQL's or PgBouncer's own database"),
+        ('[database]\nname = "template1"\n', "PostgreSQL's or PgBouncer's own database"),
+        ('[database]\nuser = "postgres"\n', "the backend needs a role of its own"),
+        ('[database]\nuser = "pg_monitor"\n', "the backend needs a role of its own"),
+    ],
+)
+def test_values_that_would_break_the_host_are_refused(toml: str, message: str) -> None:
+    errs = errors_of(toml)
+    assert any(message in e for e in errs), errs
 
 
 def test_all_errors_reported_at_once() -> None:
