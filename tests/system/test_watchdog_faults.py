@@ -1,6 +1,7 @@
 """Issue 11 items 2, 8, 9 and 10 in a booted Debian 12 with the sample backend live (blue):
 
-- 2: a local user (`nobody`) flooding the watchdog's API makes it restart nothing, and the
+- 2: a local user (`nobody`) flooding the watchdog's API, or holding thousands of connections
+  to nginx (443, 5005) or PgBouncer, makes it restart nothing, and the
   watchdog without file descriptors (RLIMIT_NOFILE lowered under it) says so once, as its
   own fault (AIPBX_CHECK=watchdog AIPBX_ACTION=own_fault), restarts nothing, and says when
   it is whole again;
@@ -405,3 +406,51 @@ def test_pgbouncer_without_a_colors_address_is_restarted(machine: Machine) -> No
     ]
     assert any(GREEN in e["MESSAGE"] for e in critical), critical
     assert bouncer_listens(machine) == {"127.0.0.1:6432", f"{BLUE}:6432", f"{GREEN}:6432"}
+
+
+# --- item 2's neighbours: a local user saturating a service makes no restart -----------------
+
+# As `nobody`: N connections held open to one port for S seconds (non-blocking connects:
+# past the listen backlog they wait), then closed.
+HOLD = """
+import os, resource, socket, sys, time
+port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+for _ in range(n):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", port))
+    held.append(s)
+time.sleep(seconds)
+print("held", len(held), "uid", os.getuid())
+"""
+
+
+@pytest.mark.parametrize(
+    ("port", "n", "unit", "check"),
+    [
+        # Debian's nginx: worker_connections 768 per worker, one worker per CPU
+        (443, 4000, "nginx.service", "nginx"),
+        (5005, 4000, "nginx.service", "nginx"),
+        # PgBouncer: max_client_conn = 500
+        (6432, 1500, BOUNCER, "pgbouncer"),
+    ],
+)
+def test_a_local_user_holding_connections_restarts_nothing(
+    machine: Machine, port: int, n: int, unit: str, check: str
+) -> None:
+    """Connections held open by `nobody` fill the service: a restart would drop every call's
+    connection and fix nothing (they come back). The watchdog says the service is saturated,
+    by whom, and restarts nothing."""
+    settle(machine)
+    entered = prop(machine, unit, "ActiveEnterTimestamp")
+    t = machine_time(machine)
+    argv = ["prlimit", "--nofile=16384:16384", "runuser", "-u", "nobody", "--", "python3"]
+    out = machine.run([*argv, "-c", HOLD, str(port), str(n), "15"], timeout=120).stdout
+    print(f"hold {port}: {out.strip()}; check {check}: {check_state(machine, check)}")
+    assert f"held {n} " in out, out
+    wait_until(lambda: check_state(machine, check) == ("ok", "closed"), 120, f"{check} ok")
+    assert restarts(machine, t) == [], restarts(machine, t)
+    assert prop(machine, unit, "ActiveEnterTimestamp") == entered
