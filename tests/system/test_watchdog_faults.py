@@ -414,32 +414,38 @@ def test_pgbouncer_without_a_colors_address_is_restarted(machine: Machine) -> No
 # past the listen backlog they wait), then closed.
 HOLD = """
 import os, resource, socket, sys, time
-port, n, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+host, port, n, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 held = []
 for _ in range(n):
     s = socket.socket()
     s.setblocking(False)
-    s.connect_ex(("127.0.0.1", port))
+    s.connect_ex((host, port))
     held.append(s)
 time.sleep(seconds)
 print("held", len(held), "uid", os.getuid())
 """
 
 
+BLUE_BACKEND = color_net(SUBNET, Color.BLUE).ns_addr
+
+
 @pytest.mark.parametrize(
-    ("port", "n", "unit", "check"),
+    ("host", "port", "n", "unit", "check"),
     [
         # Debian's nginx: worker_connections 768 per worker, one worker per CPU
-        (443, 4000, "nginx.service", "nginx"),
-        (5005, 4000, "nginx.service", "nginx"),
+        ("127.0.0.1", 443, 4000, "nginx.service", "nginx"),
+        ("127.0.0.1", 5005, 4000, "nginx.service", "nginx"),
         # PgBouncer: max_client_conn = 500
-        (6432, 1500, BOUNCER, "pgbouncer"),
+        ("127.0.0.1", 6432, 1500, BOUNCER, "pgbouncer"),
+        # the live color's own address (routed from the host to its veth)
+        (BLUE_BACKEND, 5005, 4000, "aipbx-backend@blue.service", "backend_http"),
+        (BLUE_BACKEND, 3033, 4000, "aipbx-backend@blue.service", "backend_ws"),
     ],
 )
 def test_a_local_user_holding_connections_restarts_nothing(
-    machine: Machine, port: int, n: int, unit: str, check: str
+    machine: Machine, host: str, port: int, n: int, unit: str, check: str
 ) -> None:
     """Connections held open by `nobody` fill the service: a restart would drop every call's
     connection and fix nothing (they come back). The watchdog says the service is saturated,
@@ -448,7 +454,7 @@ def test_a_local_user_holding_connections_restarts_nothing(
     entered = prop(machine, unit, "ActiveEnterTimestamp")
     t = machine_time(machine)
     argv = ["prlimit", "--nofile=16384:16384", "runuser", "-u", "nobody", "--", "python3"]
-    out = machine.run([*argv, "-c", HOLD, str(port), str(n), "15"], timeout=120).stdout
+    out = machine.run([*argv, "-c", HOLD, host, str(port), str(n), "15"], timeout=120).stdout
     print(f"hold {port}: {out.strip()}; check {check}: {check_state(machine, check)}")
     assert f"held {n} " in out, out
     wait_until(lambda: check_state(machine, check) == ("ok", "closed"), 120, f"{check} ok")
