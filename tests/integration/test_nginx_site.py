@@ -242,11 +242,16 @@ def _values(headers: list[tuple[str, str]], name: str) -> list[str]:
     return [v for n, v in headers if n == name]
 
 
-def _spa(tmp: Path) -> None:
-    """A frontend build where nginx serves it from: index.html and a hashed chunk."""
+def _spa(tmp: Path, subdir: str = "") -> None:
+    """A frontend build where nginx serves it from: index.html and a hashed chunk (and a
+    prerendered route's directory)."""
     root = Paths(tmp).frontend / "current"
     root.mkdir(parents=True)
     (root / "index.html").write_text("<html>spa</html>")
+    if subdir:
+        (root / subdir).mkdir()
+        (root / subdir / "index.html").write_text("<html>prerendered</html>")
+        (root / subdir).chmod(0o755)
     (root / "main.3f2a9c.js").write_text("console.log('spa')")
     for d in (root, *root.parents):
         if d == tmp:
@@ -366,6 +371,11 @@ def test_http_edges_redirect_tokens_hsts_and_no_frontend(
             _, headers, _ = _get(f"{https}{path}", www_root)
             hsts = _values(headers, "strict-transport-security")
             assert hsts == (["max-age=63072000; includeSubDomains"] if ca_issued else []), path
+        # nginx's own redirect (a directory without its slash) is relative, whatever Host
+        _spa(www_root, subdir="pricing")
+        head = _head(f"{https}/pricing?x=1", "-H", "Host: evil.example")
+        assert head.startswith("http/2 301") and "location: /pricing/?x=1\n" in head, head
+        shutil.rmtree(Paths(www_root).frontend / "current")
         # no frontend deployed: GET / is a plain 404 that says so, with no rewrite cycle
         for path in ("/", "/calls/42", "/index.html"):
             status, _, body = _get(f"{https}{path}", www_root)
