@@ -9,12 +9,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import tls_store, validate
+from appliance import frontend_assets, tls_store, validate
 from appliance.colors import LIVE_ADDR
 from appliance.config import Config
 from appliance.errors import CommandError, NginxConfigError
 from appliance.fsutil import write_if_changed
 from appliance.paths import Paths
+from appliance.release.manifest import MANIFEST_NAME
 from appliance.run import run
 from appliance.services import Services
 from appliance.templates import render
@@ -68,6 +69,8 @@ def render_site(
         upstream_path=paths.nginx_upstream,
         acme_webroot=paths.acme_webroot,
         frontend_root=paths.frontend / "current",
+        frontend_assets=paths.frontend / frontend_assets.LINK,
+        manifest_name=MANIFEST_NAME,
         service_listen=service_listen,
         maintenance=maintenance,
     )

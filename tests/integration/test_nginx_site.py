@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import cert, config, nginx, tls_store
+from appliance import cert, config, frontend_assets, nginx, tls_store
 from appliance.paths import Paths
 from tests.integration.procs import free_port, port_open, stop, wait_for
 
@@ -381,5 +381,54 @@ def test_http_edges_redirect_tokens_hsts_and_no_frontend(
             status, _, body = _get(f"{https}{path}", www_root)
             assert (status, body) == (404, b"no frontend is deployed on this appliance\n"), path
         assert "cycle" not in (www_root / "error.log").read_text()
+    finally:
+        stop(proc)
+
+
+def test_a_tab_of_the_earlier_frontend_gets_its_chunks_after_an_upgrade(
+    www_root: Path, app: int
+) -> None:
+    """Release N's lazily loaded chunk is still served once N+1 is live; its index.html is
+    not; pages are never cached, chunks for good; a collected release's chunks are gone."""
+    paths = Paths(www_root)
+    releases = {}
+    for name, chunk in (("web-1", "412.aaaa.js"), ("web-2", "412.bbbb.js")):
+        root = paths.releases / name
+        (root / "css").mkdir(parents=True)
+        (root / "index.html").write_text(f"<html>{name}</html>")
+        (root / chunk).write_text(f"chunk of {name}")
+        (root / "css/main.css").write_text(name)
+        (root / "aipbx-release.toml").write_text("kind = 'frontend'")
+        releases[name] = root
+    for d in (
+        paths.opt,
+        paths.releases,
+        *releases.values(),
+        *(r / "css" for r in releases.values()),
+    ):
+        d.chmod(0o755)
+    # what deploying web-2 does: earlier releases' links first, then the switch
+    frontend_assets.rebuild(paths.frontend, [frontend_assets.Source("web-1", releases["web-1"])])
+    paths.frontend.chmod(0o755)
+    (paths.frontend / "current").symlink_to(releases["web-2"])
+    proc, ports = _start(www_root, app)
+    try:
+        https = f"https://127.0.0.1:{ports['https']}"
+        status, headers, body = _get(f"{https}/412.aaaa.js", www_root)
+        assert (status, body) == (200, b"chunk of web-1")
+        assert "public, immutable" in _values(headers, "cache-control")
+        assert _values(headers, "x-content-type-options") == ["nosniff"]
+        assert _get(f"{https}/412.bbbb.js", www_root)[2] == b"chunk of web-2"
+        assert _get(f"{https}/css/main.css", www_root)[2] == b"web-2"  # the live one wins
+        status, headers, body = _get(f"{https}/", www_root)
+        assert (status, body) == (200, b"<html>web-2</html>")
+        assert _values(headers, "cache-control") == ["no-cache"]
+        assert _values(headers, "x-frame-options") == ["SAMEORIGIN"]
+        assert _get(f"{https}/calls/42", www_root)[2] == b"<html>web-2</html>"
+        assert _get(f"{https}/aipbx-release.toml", www_root)[0] == 404
+        # web-1 collected: its chunk is gone, no reload needed
+        frontend_assets.rebuild(paths.frontend, [])
+        assert _get(f"{https}/412.aaaa.js", www_root)[0] == 404
+        assert _get(f"{https}/412.bbbb.js", www_root)[0] == 200
     finally:
         stop(proc)

@@ -121,7 +121,15 @@ def test_spa_assets_keep_immutable_caching(tmp_path: Path) -> None:
     locations = _tls_locations(nginx.render_site(config.parse(""), Paths(tmp_path), ipv6=False))
     (asset,) = [b for h, b in locations.items() if h.startswith("~*")]
     assert 'add_header Cache-Control "public, immutable";' in asset
-    assert "try_files $uri =404;" in asset and "proxy_pass" not in asset
+    assert "try_files $uri @aipbx_earlier_asset;" in asset and "proxy_pass" not in asset
+    # what the live release lacks comes from the earlier releases' links, cached the same
+    earlier = locations["@aipbx_earlier_asset"]
+    assert f"root {tmp_path}/opt/aipbx/frontend/assets;" in earlier
+    assert 'add_header Cache-Control "public, immutable";' in earlier
+    assert "try_files $uri =404;" in earlier and "X-Frame-Options" in earlier
+    # pages are asked again at every load; the manifest is not the site's
+    assert 'add_header Cache-Control "no-cache" always;' in locations["/"]
+    assert "return 404;" in locations["= /aipbx-release.toml"]
 
 
 def test_letsencrypt_cert_is_preferred_when_present(tmp_path: Path) -> None:
