@@ -269,7 +269,10 @@ def test_maintenance_site_answers_the_api_with_503_and_retry_after(tmp_path: Pat
         block = maint.split(location, 1)[1].split("\n    }", 1)[0]
         assert "return 503;  # maintenance" in block, location
     # the frontend and ACME keep being served
-    for location in ("location / {\n        try_files", "location /.well-known/acme-challenge/ {"):
+    for location in (
+        "location / {\n        add_header Cache-Control",
+        "location /.well-known/acme-challenge/ {",
+    ):
         block = maint.split(location, 1)[1].split("\n    }", 1)[0]
         assert "return 503" not in block
 
