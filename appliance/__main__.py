@@ -29,6 +29,7 @@ from appliance.actions import (
 )
 from appliance.cli import parser
 from appliance.errors import AipbxError, ExitCode, UsageError
+from appliance.oserror import as_error
 from appliance.paths import Paths
 from appliance.services import SystemdServices
 
@@ -215,6 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hint: {e.hint}", file=sys.stderr)
         log.debug("failed: %s", e.message, exc_info=args.verbose)
         return int(e.exit_code)
+    except OSError as e:  # a full disk, a read-only file system: one line, not a traceback
+        err = as_error(e)
+        print(f"aipbxctl: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        # the journal's copy (stderr has it already): a full disk leaves a trace there
+        log.info("failed: %s", err.message, exc_info=args.verbose)
+        return int(err.exit_code)
     except KeyboardInterrupt:
         print("aipbxctl: interrupted", file=sys.stderr)
         return 130

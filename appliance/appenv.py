@@ -414,7 +414,7 @@ _SECTIONS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
         ),
     ),
     (
-        "Telegram (the app's own bot; the watchdog's alert bot is set in secrets.env)",
+        "Telegram (the app's own bot; the watchdog's alert bot is set in alerts.env)",
         (
             ("TELEGRAM_BOT_TOKEN", "", "the app's bot token"),
             ("TELEGRAM_ADMIN_CHATID", "", "the chat the app reports to"),

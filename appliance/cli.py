@@ -196,7 +196,11 @@ def parser() -> argparse.ArgumentParser:
         )
         _rollout_options(ep, restore_db=False)
 
-    sub.add_parser("reconcile", help="make the nft switch and the backend units match state.json")
+    sub.add_parser(
+        "reconcile",
+        help="make the nft switch, the colors' links and the backend units match state.json, "
+        "and finish an interrupted rollout (the rest of its probation, then its drain)",
+    )
 
     bk = sub.add_parser(
         "backup", help="back up the database now (pg_dump -Fc, verified, then retention)"
@@ -286,7 +290,11 @@ def _rollout_options(p: argparse.ArgumentParser, *, restore_db: bool = True) -> 
     )
     if restore_db:
         _restore_db_option(p)
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (a downgrade needs it, or a yes on a terminal)",
+    )
     p.add_argument("--json", action="store_true", help="print the steps and figures as JSON")
 
 

@@ -81,6 +81,9 @@ class Backend:
 class Network:
     # Small subnet split into one /30 per color (host side .1, namespace side .2).
     subnet: str = field(default="10.203.0.0/24", metadata=_check(v.ipv4_network))
+    # Ports of this host a color may connect to besides PgBouncer (its own veth address),
+    # DNS and nginx's ports, e.g. ["tcp/5038"] for Asterisk's AMI here (appliance.nft).
+    host_ports: tuple[str, ...] = field(default=(), metadata=_check(v.host_ports))
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ class Watchdog:
 @dataclass(frozen=True)
 class Alerts:
     # Credentials are not here: TELEGRAM_BOT_TOKEN, TELEGRAM_ADMIN_CHATID and
-    # ALERT_SMTP_PASSWORD come from /etc/aipbx/secrets.env.
+    # ALERT_SMTP_PASSWORD come from /etc/aipbx/alerts.env (0600 root; never the backend's).
     telegram_base_url: str = field(default="https://api.telegram.org", metadata=_check(_url))
     telegram_chat_id: str = ""
     webhook_url: str = field(default="", metadata=_check(_url))

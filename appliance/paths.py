@@ -28,6 +28,11 @@ class Paths:
         return self.etc / "secrets.env"
 
     @property
+    def alerts_env(self) -> Path:
+        # The watchdog's alert credentials, 0600 root: the backend's group reads secrets.env.
+        return self.etc / "alerts.env"
+
+    @property
     def backend_env(self) -> Path:
         # The operator's environment for the app (appliance.appenv), 0640 root:_aipbx.
         return self.etc / "backend.env"
@@ -70,6 +75,11 @@ class Paths:
     @property
     def var(self) -> Path:
         return self._p("var/lib/aipbx")
+
+    @property
+    def watchdog_var(self) -> Path:
+        # The only directory the watchdog may write (its unit's StateDirectory=): its spool.
+        return self.var / "watchdog"
 
     @property
     def shared(self) -> Path:

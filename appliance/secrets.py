@@ -1,14 +1,22 @@
 """Secrets generated at setup into /etc/aipbx/secrets.env (0640 root:_aipbx). Existing
-values are kept (a second setup changes nothing); values are never printed or logged."""
+values are kept (a second setup changes nothing); values are never printed or logged.
+
+secrets.env holds only what setup generates for the app: the backend's group reads it. The
+watchdog's alert credentials (Telegram, SMTP) live in /etc/aipbx/alerts.env, 0600 root,
+which only root and the watchdog read; `separate` moves any other key an older appliance
+(or an operator) left in secrets.env there, at install and at setup."""
 
 from __future__ import annotations
 
 import grp
+import os
 import secrets as rnd
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from appliance.fsutil import write_if_changed
+from appliance.errors import AipbxError
+from appliance.fsutil import atomic_write, write_if_changed
 
 # name -> generator. DB_PASS is URL- and shell-safe; ENCRYPTION_KEY is 64 hex (seed 003).
 GENERATED: Mapping[str, Callable[[], str]] = {
@@ -53,3 +61,96 @@ def ensure(path: Path) -> tuple[dict[str, str], bool]:
 
 def load(path: Path) -> dict[str, str]:
     return parse_env(path.read_text()) if path.exists() else {}
+
+
+# --- the watchdog's alert credentials ---------------------------------------------------
+
+ALERTS_MODE = 0o600
+ALERTS_TEMPLATE = """\
+# /etc/aipbx/alerts.env: the credentials of the watchdog's alert channels, KEY=VALUE a line.
+# Readable by root only (0600); the backend never sees this file. The channels' other
+# settings are in /etc/aipbx/aipbx.toml [alerts]. Restart the watchdog after a change:
+# systemctl restart aipbx-watchdog
+#
+# Telegram: the bot that sends the alerts, and the chat it writes to (or [alerts]
+# telegram_chat_id).
+# TELEGRAM_BOT_TOKEN=
+# TELEGRAM_ADMIN_CHATID=
+#
+# Email: the password of [alerts] smtp_user.
+# ALERT_SMTP_PASSWORD=
+#
+# Webhook: a URL that carries a token (Slack, Teams...) goes here rather than in
+# [alerts] webhook_url (aipbx.toml is readable by the backend); it wins over that.
+# ALERT_WEBHOOK_URL=
+"""
+
+
+def plan_separation(
+    secrets_values: Mapping[str, str], alerts_values: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Pure: (what secrets.env keeps, what moves to alerts.env). Everything setup does not
+    generate for the app moves; a key alerts.env already has keeps alerts.env's value."""
+    keep = {k: v for k, v in secrets_values.items() if k in GENERATED}
+    move = {
+        k: v for k, v in secrets_values.items() if k not in GENERATED and k not in alerts_values
+    }
+    return keep, move
+
+
+def _root_only(path: Path) -> list[str]:
+    """alerts.env is a regular file, 0600 root:root (fixed through its fd, never a link)."""
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        raise AipbxError(f"{path} is not a regular file", hint="remove it and run setup again")
+    root = os.geteuid() == 0
+    if stat.S_IMODE(st.st_mode) == ALERTS_MODE and (not root or (st.st_uid, st.st_gid) == (0, 0)):
+        return []
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if root:
+            os.fchown(fd, 0, 0)
+        os.fchmod(fd, ALERTS_MODE)
+    finally:
+        os.close(fd)
+    return [f"set {path} to 0600 root:root"]
+
+
+def separate(secrets_path: Path, alerts_path: Path) -> list[str]:
+    """install-defaults and setup, idempotent: alerts.env exists (the template when new),
+    root's only, and secrets.env keeps only the app's keys; any other key moves to
+    alerts.env (written first, so an interruption leaves a key in both places at worst,
+    and the next run finishes). Values are never printed."""
+    changes: list[str] = []
+    owner = 0 if os.geteuid() == 0 else -1
+    if alerts_path.is_symlink() or alerts_path.exists():
+        changes += _root_only(alerts_path)
+        alerts_text = alerts_path.read_text()
+    else:
+        alerts_text = ALERTS_TEMPLATE
+        atomic_write(alerts_path, alerts_text, mode=ALERTS_MODE, uid=owner, gid=owner)
+        changes.append(f"created {alerts_path} (the watchdog's alert credentials, root only)")
+    if not secrets_path.exists():
+        return changes
+    current = load(secrets_path)
+    keep, move = plan_separation(current, parse_env(alerts_text))
+    left = set(current) - set(keep)
+    if not left:
+        return changes
+    if move:
+        block = "".join(f"{k}={v}\n" for k, v in move.items())
+        sep = "" if alerts_text.endswith("\n") or not alerts_text else "\n"
+        alerts_text += (
+            f"{sep}# Moved from secrets.env by aipbxctl (the backend can read that file).\n{block}"
+        )
+        atomic_write(alerts_path, alerts_text, mode=ALERTS_MODE, uid=owner, gid=owner)
+    try:
+        gid = grp.getgrnam(SERVICE_GROUP).gr_gid
+    except KeyError:
+        gid = -1
+    write_if_changed(secrets_path, render_env(keep), mode=0o640, uid=0, gid=gid)
+    changes.append(
+        f"moved {', '.join(sorted(left))} from {secrets_path} to {alerts_path} "
+        "(readable by root only)"
+    )
+    return changes

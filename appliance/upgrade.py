@@ -6,107 +6,59 @@ healthy -> switch -> probation (a failure switches back) -> drain -> stop the ol
 A release whose required variables are missing from backend.env is refused before it is
 unpacked; the variables it has the appliance generate are written before it migrates
 (appliance.appenv). `restart` runs the same path for the live release.
-A failure before the switch leaves the live color untouched; state.json is written at each
-step that changes what is live, so a power cut mid-way is healed at boot."""
+Before anything changes: room on the disks, PostgreSQL answering when it migrates, a
+downgrade confirmed (appliance.preflight, appliance.pgready). A failure before the switch
+leaves the live color untouched. From the switch on (appliance.phases) every step is
+recorded in state.json before it is taken, so `aipbxctl reconcile` resumes an interrupted
+rollout with the same steps (appliance.resume decides them), and a power cut mid-way is
+healed at boot."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from appliance import appenv, health, releases, shared, state, switch
+from appliance import appenv, health, pgready, preflight, reconcile, releases, state
 from appliance import drain as drain_mod
+from appliance.boottime import in_seconds
 from appliance.colors import Color, color_net
-from appliance.config import Config
 from appliance.errors import AipbxError, UsageError
-from appliance.fsutil import atomic_symlink, locked
-from appliance.paths import Paths
-from appliance.release.manifest import Kind
-from appliance.services import Services
+from appliance.fsutil import atomic_symlink
+from appliance.phases import abandon, conclude, drain_and_stop, earlier_frontends, switch_to, watch
+from appliance.phases import gc as _gc
+from appliance.phases import reship_live as _reship_live
+from appliance.phases import ship as _ship
+from appliance.phases import ship_or_log as _ship_or_log
+from appliance.release.manifest import Kind, Manifest
+from appliance.rollout_ctx import (
+    Ctx,
+    Options,
+    Step,
+    Timeline,
+    UpgradeFailed,
+    forget_flows,
+    unit,
+)
+
+__all__ = [
+    "Ctx",
+    "Options",
+    "Step",
+    "Timeline",
+    "UpgradeFailed",
+    "deploy",
+    "drain_and_stop",
+    "restart",
+    "rollback",
+    "unit",
+    "upgrade",
+]
 
 log = logging.getLogger("aipbx.upgrade")
-
-
-class Step(StrEnum):
-    VERIFY = "verify"
-    UNPACK = "unpack"
-    BACKUP = "backup"
-    MIGRATE = "migrate"
-    SHARED = "shared"
-    ENV = "env"
-    START = "start"
-    HEALTH = "health"
-    SWITCH = "switch"
-    PROBATION = "probation"
-    DRAIN = "drain"
-    STOP_OLD = "stop-old"
-    GC = "gc"
-    DONE = "done"
-
-
-class UpgradeFailed(AipbxError):
-    """The new release was refused; what runs was left (or put back) as it was."""
-
-
-@dataclass
-class Timeline:
-    """What happened, step by step, for the operator and --json."""
-
-    out: Callable[[str], None] = print
-    t0: float = field(default_factory=time.monotonic)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    figures: dict[str, Any] = field(default_factory=dict)
-
-    def step(self, step: Step, detail: str) -> None:
-        elapsed = time.monotonic() - self.t0
-        self.steps.append(
-            {
-                "step": str(step),
-                "elapsed_s": round(elapsed, 3),
-                "detail": detail,
-                "at": round(time.time(), 3),
-            }
-        )
-        self.out(f"[{elapsed:7.2f}s] {step}: {detail}")
-        log.info("%s: %s", step, detail, extra={"fields": {"step": step, "action": "upgrade"}})
-
-
-@dataclass(frozen=True)
-class Options:
-    probation_s: float
-    drain_s: float
-    health_timeout_s: float | None = None  # None: the manifest's
-
-
-def unit(color: Color) -> str:
-    return f"aipbx-backend@{color}.service"
-
-
-def forget_flows(cfg: Config, color: Color) -> str:
-    """After `color` has stopped: the UDP flows conntrack still sends to it go to the live
-    color from their next packet. A note for the timeline ("" when there were none)."""
-    n = drain_mod.forget_udp_flows(cfg, color)
-    return f"; {n} UDP flow(s) that led to it now go to the live color" if n else ""
-
-
-@dataclass
-class Ctx:
-    paths: Paths
-    cfg: Config
-    services: Services
-    tl: Timeline
-
-    def save(self, st: state.State) -> state.State:
-        state.save(self.paths.state, st)
-        return st
-
-    def load(self) -> state.State:
-        return state.load(self.paths.state)
+_switch_to = switch_to  # the name tests replace
 
 
 # --- pieces --------------------------------------------------------------------------
@@ -132,41 +84,14 @@ def _free_idle_color(ctx: Ctx, st: state.State) -> Color:
     return idle
 
 
-def _ship(ctx: Ctx, rel: releases.Installed) -> None:
-    """The files `rel` ships in its shared dirs go there, as the app's, before it starts or
-    goes live again (appliance.shared; a shared dir that is a symlink is refused)."""
-    report = shared.ship(ctx.paths, rel.path, rel.manifest)
-    if rel.manifest.kind is Kind.BACKEND and rel.manifest.shared_dirs:
-        dirs = ", ".join(rel.manifest.shared_dirs)
-        ctx.tl.step(Step.SHARED, f"{dirs} of {rel.dirname}: {report.summary()}")
-
-
-def _ship_or_log(ctx: Ctx, rel: releases.Installed) -> None:
-    """_ship where a failure must not stop what goes on (a rollback, a refusal): logged."""
-    try:
-        _ship(ctx, rel)
-    except AipbxError as e:
-        log.error("could not put the files %s ships in its shared dirs: %s", rel.dirname, e)
-        ctx.tl.step(Step.SHARED, f"FAILED to put {rel.dirname}'s shipped files: {e.message}")
-
-
-def _reship_live(ctx: Ctx) -> None:
-    """After a release was refused: the live release's shipped files go back where the
-    refused one's replaced them."""
-    live = ctx.load().live_release()
-    try:
-        rel = releases.get(ctx.paths, live) if live else None
-    except AipbxError:
-        rel = None  # not installed any more: nothing to put back
-    if rel is not None:
-        _ship_or_log(ctx, rel)
-
-
 def _start_and_gate(ctx: Ctx, color: Color, rel: releases.Installed, opts: Options) -> None:
     _ship(ctx, rel)
-    atomic_symlink(Path("..") / "releases" / rel.dirname, ctx.paths.colors / str(color))
+    # state.json names the release first, then the color's link follows: a failure between
+    # the two (a full disk) leaves a link that reconcile (or the next command) puts right
+    # from state.json, never a link to a release state.json does not name.
     st = ctx.load()
     ctx.save(st.with_(colors={**st.colors, str(color): rel.dirname}, upgrading=rel.dirname))
+    atomic_symlink(Path("..") / "releases" / rel.dirname, ctx.paths.colors / str(color))
     ctx.services.reset_failed(unit(color))  # an earlier failure's start limit
     ctx.services.restart(unit(color))
     ctx.tl.step(Step.START, f"{rel.dirname} started on {color}")
@@ -197,89 +122,6 @@ def _start_and_gate(ctx: Ctx, color: Color, rel: releases.Installed, opts: Optio
     ctx.tl.step(Step.HEALTH, f"{color} healthy ({detail})")
 
 
-def _switch_to(ctx: Ctx, color: Color | None, *, why: str) -> float:
-    prepared = switch.prepare(ctx.cfg, color)
-    st = ctx.load()
-    ms = switch.execute(prepared)
-    st = st.with_(live_color=color, previous_color=st.live_color)
-    ctx.save(st.without_failed(st.live_release() or ""))  # live now: it has not failed
-    ctx.tl.step(Step.SWITCH, f"{why}: live color is now {color} ({ms:.1f} ms)")
-    return ms
-
-
-def _probation(ctx: Ctx, color: Color, seconds: float, *, failures_to_fail: int = 3) -> str | None:
-    """None if the color stayed healthy for `seconds`, else what went wrong."""
-    net = color_net(ctx.cfg.network.subnet, color)
-    deadline = time.monotonic() + seconds
-    failures = 0
-    while time.monotonic() < deadline:
-        p = health.http_probe(net.ns_addr, ctx.cfg.backend.http_port, "/api")
-        failures = 0 if p.ok else failures + 1
-        if failures >= failures_to_fail:
-            return f"{failures} health checks failed in a row ({p.detail})"
-        if not ctx.services.is_active(unit(color)):
-            return "the backend unit stopped"
-        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    return None
-
-
-def drain_and_stop(ctx: Ctx, color: Color, drain_s: float) -> str:
-    """Wait until nothing uses `color` or the deadline passes, then stop it. Runs without
-    the mutation lock (a rollback may switch back to `color` meanwhile: then it is live
-    again and this returns without stopping it); takes the lock for the stop itself."""
-    deadline = time.time() + drain_s
-    st = ctx.load()
-    ctx.save(st.with_(draining=state.Draining(color, deadline)))
-    last_report = time.monotonic()
-    while True:
-        st = ctx.load()
-        if st.live_color == color or st.draining is None or st.draining.color != color:
-            ctx.tl.step(Step.DRAIN, f"{color} is live again (rolled back): not stopped")
-            return "rolled-back"
-        use = drain_mod.usage(ctx.cfg, color)
-        if use.idle:
-            ctx.tl.step(Step.DRAIN, f"{color} drained")
-            break
-        if time.time() >= deadline:
-            ctx.tl.step(
-                Step.DRAIN,
-                f"deadline: {use.ws} WebSocket(s) and {use.udp_flows} "
-                f"call flow(s) still on {color} are cut",
-            )
-            break
-        if time.monotonic() - last_report >= 10:
-            ctx.tl.step(
-                Step.DRAIN,
-                f"{color} still has {use.ws} WebSocket(s) and "
-                f"{use.udp_flows} call flow(s); waiting up to "
-                f"{deadline - time.time():.0f}s",
-            )
-            last_report = time.monotonic()
-        time.sleep(1)
-    with locked(ctx.paths.lock, "change", wait=600):
-        st = ctx.load()
-        if st.live_color == color:
-            ctx.tl.step(Step.DRAIN, f"{color} is live again (rolled back): not stopped")
-            return "rolled-back"
-        ctx.services.stop(unit(color))
-        ctx.services.disable(unit(color))
-        forgot = forget_flows(ctx.cfg, color)
-        ctx.save(st.with_(draining=None, upgrading=""))
-        ctx.tl.step(Step.STOP_OLD, f"{color} stopped{forgot}")
-        _gc(ctx)
-    return "stopped"
-
-
-def _gc(ctx: Ctx) -> None:
-    st = ctx.load()
-    in_use = set(st.colors.values()) | ({st.frontend} if st.frontend else set())
-    # A release whose rollout failed goes first (state.failed).
-    removed = releases.gc(ctx.paths, ctx.cfg.releases.keep, in_use, st.failed)
-    if removed:
-        ctx.save(ctx.load().without_failed(*removed))
-    ctx.tl.step(Step.GC, f"removed {', '.join(removed)}" if removed else "nothing to remove")
-
-
 # --- the verbs -----------------------------------------------------------------------
 
 
@@ -303,64 +145,65 @@ def _prepare_env(ctx: Ctx, rel: releases.Installed) -> None:
 
 
 def deploy(ctx: Ctx, rel: releases.Installed, opts: Options) -> dict[str, Any]:
-    """Roll an installed backend release out to the idle color and switch to it."""
+    """Roll an installed backend release out to the idle color and switch to it. A failure
+    before the switch stops that color again (appliance.phases.abandon); from the switch
+    on every step is recorded first, and `aipbxctl reconcile` resumes it."""
     _prepare_env(ctx, rel)
     st = ctx.load()
     old = st.live_color
     idle = _free_idle_color(ctx, st)
-    _start_and_gate(ctx, idle, rel, opts)
-    ctx.services.enable(unit(idle))
-    switch_ms = _switch_to(ctx, idle, why="switch")
-    st = ctx.load()
-    ctx.save(st.with_(history=(*st.history, rel.dirname)))
     try:
-        problem = _probation(ctx, idle, opts.probation_s)
-    except KeyboardInterrupt:
-        problem = "interrupted by the operator"
-    if problem:
-        back_ms = _switch_to(ctx, old, why=f"probation failed ({problem}), switched back")
-        ctx.services.stop(unit(idle))
-        ctx.services.reset_failed(unit(idle))
-        ctx.services.disable(unit(idle))
-        if forgot := forget_flows(ctx.cfg, idle):
-            ctx.tl.step(Step.STOP_OLD, f"{idle} stopped{forgot}")
-        st = ctx.load()
-        ctx.save(st.with_(upgrading="", previous_color=None).with_failed(rel.dirname))
-        _reship_live(ctx)
-        log.critical(
-            "upgrade to %s failed in probation: %s; switched back to %s",
-            rel.dirname,
-            problem,
-            old,
-            extra={"fields": {"action": "auto-rollback"}},
+        _start_and_gate(ctx, idle, rel, opts)
+        ctx.services.enable(unit(idle))
+        p = state.Probation(
+            color=idle,
+            release=rel.dirname,
+            old_color=old,
+            until=in_seconds(ctx.clock(), opts.probation_s),
+            drain_s=opts.drain_s,
+            verb=opts.verb,
         )
-        ctx.tl.figures.update(switch_ms=switch_ms, rollback_ms=back_ms)
-        raise UpgradeFailed(
-            f"{rel.dirname} failed probation on {idle}: {problem}; " f"switched back to {old}",
-            hint="`aipbxctl logs backend`",
-        )
-    ctx.tl.step(Step.PROBATION, f"{idle} healthy for {opts.probation_s:.0f}s")
-    st = ctx.load()
+        history = (*ctx.load().history, rel.dirname)
+        switch_ms = _switch_to(ctx, idle, why="switch", probation=p, history=history)
+    except UpgradeFailed:
+        raise  # refused by its health gate: already cleaned up
+    except BaseException:
+        abandon(ctx, idle, rel.dirname)
+        raise
+    ctx.tl.figures["switch_ms"] = round(switch_ms, 1)
+    if old is not None:
+        _disable_for_boot(ctx, old)
+    passed, what = conclude(ctx, p, watch(ctx, p))
+    if not passed:
+        raise UpgradeFailed(what, hint="`aipbxctl logs backend`")
     if old is None:
-        ctx.save(st.with_(upgrading=""))
         _gc(ctx)
-    else:  # drained by the caller, outside the lock
-        ctx.save(st.with_(draining=state.Draining(old, time.time() + opts.drain_s)))
+    # else drained by the caller, outside the lock, until the deadline recorded now
     ctx.tl.figures.update(
-        switch_ms=round(switch_ms, 1),
-        color=str(idle),
-        release=rel.dirname,
-        drain_color=str(old) if old else None,
+        color=str(idle), release=rel.dirname, drain_color=str(old) if old else None
     )
     return ctx.tl.figures
 
 
+def _disable_for_boot(ctx: Ctx, color: Color) -> None:
+    """The color being left runs on (probation, drain) but a reboot, which ends both, must
+    not start it again."""
+    try:
+        ctx.services.disable(unit(color))
+    except AipbxError as e:
+        log.warning("could not disable %s: %s", unit(color), e.message)
+
+
 def deploy_frontend(ctx: Ctx, rel: releases.Installed) -> dict[str, Any]:
+    st = ctx.load()
+    # Before the switch: the release being replaced joins nginx's fallback, so a tab
+    # opened on it still finds its lazily loaded chunks once `rel` is live.
+    linked = earlier_frontends(ctx, rel.dirname)
+    ctx.tl.step(Step.SHARED, f"earlier frontends' files kept for open tabs: {linked}")
+    ctx.save(st.with_(frontend=rel.dirname))  # first: reconcile puts the link right after
     t0 = time.monotonic()
     atomic_symlink(Path("..") / "releases" / rel.dirname, ctx.paths.frontend / "current")
     ms = (time.monotonic() - t0) * 1000
-    st = ctx.load()
-    ctx.save(st.with_(frontend=rel.dirname))
     ctx.tl.step(Step.SWITCH, f"frontend is now {rel.dirname} ({ms:.1f} ms)")
     _gc(ctx)
     ctx.tl.figures.update(switch_ms=round(ms, 1), release=rel.dirname, kind="frontend")
@@ -368,6 +211,32 @@ def deploy_frontend(ctx: Ctx, rel: releases.Installed) -> dict[str, Any]:
 
 
 def _migrate(ctx: Ctx, rel: releases.Installed) -> None:
+    """_migrate_steps; a failure because PostgreSQL does not answer says so, and what
+    became of the database (appliance.pgready)."""
+    from appliance import migrate, sqlmigrations
+
+    try:
+        _migrate_steps(ctx, rel)
+    except AipbxError as e:
+        if isinstance(e, sqlmigrations.SqlMigrationFailed | migrate.MigrationFailed):
+            consequence = e.message
+        elif "pre_upgrade_backup" not in ctx.tl.figures:
+            consequence = "nothing was migrated or switched"
+        else:
+            consequence = (
+                f"the migration of {rel.dirname} was cut off: whether it changed the "
+                "database cannot be checked until PostgreSQL answers; nothing was switched; "
+                f"the pre-upgrade backup {ctx.tl.figures['pre_upgrade_backup']} is kept "
+                "(`aipbxctl restore` puts it back)"
+            )
+        down = pgready.explain(ctx.cfg, e, consequence=consequence)
+        if down is None:
+            raise
+        ctx.tl.step(Step.MIGRATE, f"FAILED: {down.message}")
+        raise down from e
+
+
+def _migrate_steps(ctx: Ctx, rel: releases.Installed) -> None:
     """The release's SQL files ([migrations] sql_dir), then its migrate command. A changed
     SQL file is refused before anything runs; the pre-upgrade backup is taken when
     something will run. A failing SQL file is rolled back and the ones before it stay
@@ -409,15 +278,21 @@ def _migrate(ctx: Ctx, rel: releases.Installed) -> None:
 def upgrade(ctx: Ctx, artifact: Path, opts: Options) -> dict[str, Any]:
     from appliance.release.checksum import verify
 
+    for note in reconcile.settle(ctx, "upgrade"):
+        ctx.tl.step(Step.PLAN, note)
     digest = verify(artifact)
     ctx.tl.step(Step.VERIFY, f"sha256 {digest[:16]}… ok")
     m = releases.peek_manifest(artifact)
+    _refuse_unconfirmed_downgrade(ctx, m)
     if m.kind is Kind.BACKEND and m.required_env:  # refused before it is even unpacked
         try:
             appenv.check_required(ctx.paths, m, m.release_dirname)
         except UsageError:
             ctx.tl.step(Step.ENV, f"refused {m.release_dirname}: required variables are missing")
             raise
+    preflight.check_space(ctx.paths, unpack_bytes=preflight.unpack_need(ctx.paths, artifact, m))
+    if m.kind is Kind.BACKEND and (m.migrate or m.migrations):
+        pgready.check(ctx.cfg, consequence="nothing was unpacked, migrated or switched")
     rel = releases.install(ctx.paths, ctx.cfg, artifact, digest=digest)
     ctx.tl.step(Step.UNPACK, f"{rel.dirname} in {rel.path}")
     if rel.manifest.kind is Kind.FRONTEND:
@@ -431,9 +306,26 @@ def upgrade(ctx: Ctx, artifact: Path, opts: Options) -> dict[str, Any]:
     return deploy(ctx, rel, opts)
 
 
+def _refuse_unconfirmed_downgrade(ctx: Ctx, m: Manifest) -> None:
+    """A version older than the live one's (of the same app) is deployed only when the
+    operator confirms it (--yes, or yes at the prompt on a terminal)."""
+    live = ctx.load().live_release() if m.kind is Kind.BACKEND else ctx.load().frontend
+    try:
+        live_m = releases.get(ctx.paths, live).manifest if live else None
+    except AipbxError:
+        live_m = None
+    warning = preflight.downgrade(m, live_m)
+    if warning:
+        ctx.tl.step(Step.VERIFY, f"WARNING: {warning}")
+        preflight.confirm_downgrade(warning, ctx.confirm)
+
+
 def restart(ctx: Ctx, opts: Options) -> dict[str, Any]:
     """A blue/green restart of the live release, e.g. with a new environment: the same
     path as an upgrade (idle color, health gate, switch, probation, drain), no migration."""
+    for note in reconcile.settle(ctx, "restart"):
+        ctx.tl.step(Step.PLAN, note)
+    preflight.check_space(ctx.paths, verb="restart")
     st = ctx.load()
     live = st.live_release()
     if st.live_color is None or not live:
@@ -446,10 +338,17 @@ def restart(ctx: Ctx, opts: Options) -> dict[str, Any]:
         Step.START,
         f"restarting {rel.dirname} on {st.live_color.other} with the current environment",
     )
-    return deploy(ctx, rel, opts)
+    return deploy(ctx, rel, replace(opts, verb="restart"))
 
 
 def rollback(ctx: Ctx, to: str | None, opts: Options) -> dict[str, Any]:
+    """Back to the previous release (or `to`): instant while its color still runs
+    (probation, drain), else started on the idle color like an upgrade. Not a downgrade
+    in the upgrade's sense: the intended way back, so not asked about; it says what it
+    does, the database included (left as it is unless --restore-db)."""
+    for note in reconcile.settle(ctx, "rollback"):
+        ctx.tl.step(Step.PLAN, note)
+    preflight.check_space(ctx.paths, verb="roll back")
     st = ctx.load()
     if st.live_color is None:
         raise UsageError("nothing is live: there is nothing to roll back")
@@ -471,16 +370,26 @@ def rollback(ctx: Ctx, to: str | None, opts: Options) -> dict[str, Any]:
         target = releases.get(ctx.paths, earlier[-1])
     current = st.live_color
     # Instant: the previous color is still up (probation, drain) and runs the target.
-    if (
+    instant = (
         prev is not None
         and st.colors.get(str(prev)) == target.dirname
         and ctx.services.is_active(unit(prev))
-    ):
+    )
+    ctx.tl.step(Step.PLAN, _rollback_plan(st, target.dirname, instant, opts))
+    if instant:
+        assert prev is not None
         _ship_or_log(ctx, target)  # the release being left replaced them
         ctx.services.enable(unit(prev))
-        ms = _switch_to(ctx, prev, why="rollback (instant, the previous color was up)")
-        st = ctx.load()
-        ctx.save(st.with_(draining=state.Draining(current, time.time() + opts.drain_s)))
+        # The drain of the color being left starts with the switch, in the same write.
+        drain = state.Draining(current, in_seconds(ctx.clock(), opts.drain_s))
+        ms = _switch_to(
+            ctx,
+            prev,
+            why="rollback (instant, the previous color was up)",
+            draining=drain,
+            upgrading="",
+        )
+        _disable_for_boot(ctx, current)
         ctx.tl.figures.update(
             rollback_ms=round(ms, 1),
             release=target.dirname,
@@ -490,7 +399,24 @@ def rollback(ctx: Ctx, to: str | None, opts: Options) -> dict[str, Any]:
         )
         return ctx.tl.figures
     ctx.tl.step(Step.START, f"{target.dirname} is not running: starting it on the idle color")
-    figures = deploy(ctx, target, opts)
+    figures = deploy(ctx, target, replace(opts, verb="rollback"))
     figures["rollback_ms"] = figures.pop("switch_ms")
     figures["instant"] = False
     return figures
+
+
+def _rollback_plan(st: state.State, target: str, instant: bool, opts: Options) -> str:
+    """Pure: what a rollback is about to do, in one line."""
+    live = st.live_release() or "nothing"
+    how = (
+        f"instant: {st.previous_color} still runs it, so the switch is all"
+        if instant
+        else "it is not running: started on the idle color, health-gated, then switched"
+    )
+    db = (
+        "the database goes back to the backup taken before it"
+        if opts.restore_db
+        else f"the database stays as it is: migrations {live} ran are not undone "
+        "(--restore-db puts back the backup taken before it)"
+    )
+    return f"from {live} (on {st.live_color}) to {target}: {how}; {db}"

@@ -238,3 +238,25 @@ def pool_mode(v: str) -> str:
     if v not in ("session", "transaction", "statement"):
         raise ValueError(f"{v!r} is not a PgBouncer pool mode (session, transaction, statement)")
     return v
+
+
+_HOST_PORT = re.compile(r"(tcp|udp)/([0-9]{1,5})(?:-([0-9]{1,5}))?")
+
+
+def host_port(v: str) -> tuple[str, int, int]:
+    """A port of this host the backend colors may connect to: "tcp/5038", "udp/5060" or a
+    range "udp/10000-10100". Returns (protocol, first, last)."""
+    m = _HOST_PORT.fullmatch(v)
+    if not m:
+        raise ValueError(f"{v!r} is not tcp/PORT, udp/PORT or tcp/FIRST-LAST")
+    first = int(m.group(2))
+    last = int(m.group(3) or first)
+    if not 1 <= first <= last <= 65535:
+        raise ValueError(f"{v!r}: ports are 1-65535, the first not above the last")
+    return m.group(1), first, last
+
+
+def host_ports(values: tuple[str, ...]) -> tuple[str, ...]:
+    for value in values:
+        host_port(value)
+    return values

@@ -4,15 +4,17 @@ functions returning findings; nothing here changes the host."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import acme, appenv, cert, envfile, nginx, releases, state, tls_store
+from appliance import acme, appenv, boottime, cert, envfile, nginx, releases, state, tls_store
 from appliance import config as config_mod
 from appliance.actions.status import CORE_UNITS
 from appliance.errors import AipbxError
+from appliance.fsutil import lock_held
 from appliance.paths import Paths
 from appliance.services import Services
 
@@ -71,7 +73,10 @@ def check_units(paths: Paths, services: Services) -> list[Finding]:
                     f"`journalctl -u {unit}` says why; `systemctl start {unit}`",
                 )
             )
-    st = state.load(paths.state)
+    try:
+        st = state.load(paths.state)
+    except AipbxError:
+        st = state.State()  # check_state reports it
     if st.live_color:
         unit = f"aipbx-backend@{st.live_color}.service"
         if not services.is_active(unit):
@@ -91,6 +96,80 @@ def check_units(paths: Paths, services: Services) -> list[Finding]:
                 "warning",
                 "Debian's pgbouncer.service runs beside the appliance's own",
                 "`systemctl disable --now pgbouncer.service`",
+            )
+        )
+    return out
+
+
+def check_state(paths: Paths, services: Services) -> list[Finding]:
+    """state.json readable; the colors' links as it says; no rollout left half done."""
+    try:
+        st = state.load(paths.state)
+    except AipbxError as e:
+        return [Finding("state", "error", e.message, e.hint or "")]
+    out = []
+    for color, release in sorted(st.colors.items()):
+        link = paths.colors / color
+        with contextlib.suppress(OSError):
+            have = os.readlink(link)
+            if Path(have).name != release:
+                out.append(
+                    Finding(
+                        "state",
+                        "error",
+                        f"{link} points at {have}, but state.json says {color} runs {release}",
+                        "`aipbxctl reconcile` puts the link right",
+                    )
+                )
+    if lock_held(paths.lock):
+        return out  # an upgrade, rollback or reconcile runs: what it records is in flux
+    phase = st.phase()
+    now = boottime.now()
+    if phase == "probation" and st.probation and not st.probation.until.same_boot(now):
+        p = st.probation
+        out.append(
+            Finding(
+                "rollout",
+                "warning",
+                f"the probation of {p.release} on {p.color} is over (the machine restarted "
+                f"during it; {p.old_color or 'no color'} was not started again)",
+                "`aipbxctl reconcile` records its end",
+            )
+        )
+    elif phase == "probation" and st.probation:
+        p = st.probation
+        old = p.old_color
+        if old is None:
+            back = "there is no color to switch back to"
+        elif services.is_active(f"aipbx-backend@{old}.service"):
+            back = f"{old} still runs"
+        else:
+            back = f"{old} is not running: a failure cannot switch back to it"
+        out.append(
+            Finding(
+                "rollout",
+                "error",
+                f"the {p.verb} to {p.release} was interrupted during its probation on {p.color} "
+                f"({p.until.left(now):.0f}s left); {back}",
+                "`aipbxctl reconcile` resumes it: the probation, then the drain",
+            )
+        )
+    elif phase == "starting":
+        out.append(
+            Finding(
+                "rollout",
+                "warning",
+                f"an upgrade to {st.upgrading} was interrupted before its switch",
+                "`aipbxctl reconcile` stops the color it started",
+            )
+        )
+    elif phase == "draining" and st.draining and not st.draining.until.same_boot(now):
+        out.append(
+            Finding(
+                "rollout",
+                "warning",
+                f"the drain of {st.draining.color} is over (the machine restarted)",
+                "`aipbxctl reconcile` records its end",
             )
         )
     return out
@@ -281,6 +360,7 @@ def check_app_env(paths: Paths, services: Services) -> list[Finding]:
 CHECKS: tuple[Check, ...] = (
     check_config,
     check_setup,
+    check_state,
     check_units,
     check_nginx,
     check_disk,
@@ -290,7 +370,15 @@ CHECKS: tuple[Check, ...] = (
 
 
 def diagnose(paths: Paths, services: Services) -> list[Finding]:
+    """Every check's findings. A check that cannot run (a file it needs is unreadable) is a
+    finding itself: doctor reports, it does not stop at the first problem."""
     findings: list[Finding] = []
     for check in CHECKS:
-        findings.extend(check(paths, services))
+        name = check.__name__.removeprefix("check_")
+        try:
+            findings.extend(check(paths, services))
+        except AipbxError as e:
+            findings.append(Finding(name, "error", e.message, e.hint or ""))
+        except OSError as e:
+            findings.append(Finding(name, "error", f"{e.filename or name}: {e.strerror or e}", ""))
     return findings

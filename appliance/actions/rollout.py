@@ -16,6 +16,7 @@ from appliance.colors import Color
 from appliance.errors import AipbxError, UsageError
 from appliance.fsutil import locked
 from appliance.log import audit
+from appliance.oserror import as_error
 from appliance.paths import Paths
 from appliance.release.pack import pack
 from appliance.services import Services
@@ -31,7 +32,10 @@ def options(cfg: config_mod.Config, a: dict[str, Any]) -> upgrade.Options:
     if probation < 0 or drain < 0:
         raise UsageError("--probation and --drain take seconds >= 0")
     return upgrade.Options(
-        probation_s=float(probation), drain_s=float(drain), health_timeout_s=a["health_timeout"]
+        probation_s=float(probation),
+        drain_s=float(drain),
+        health_timeout_s=a["health_timeout"],
+        restore_db=bool(a.get("restore_db")),
     )
 
 
@@ -43,12 +47,53 @@ def confirm(what: str, yes: bool) -> None:
         raise UsageError("not confirmed; nothing was changed")
 
 
+def confirm_risky(what: str, yes: bool) -> None:
+    """A risky step (a downgrade): --yes, or yes at a prompt on a terminal; a script
+    without --yes is refused (exit 2) before anything changed."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{what}: refused without --yes", hint="add --yes to go ahead anyway")
+    print(f"{what}? [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was changed")
+
+
+def pending_note(paths: Paths) -> str | None:
+    """What an interrupted rollout left for `aipbxctl reconcile`, after a failure."""
+    try:
+        st = state.load(paths.state)
+    except AipbxError:
+        return None
+    phase = st.phase()
+    if phase == "probation" and st.probation:
+        return (
+            f"the switch to {st.probation.color} is recorded: `aipbxctl reconcile` resumes "
+            "its probation, then the drain"
+        )
+    if phase == "starting":
+        return f"`aipbxctl reconcile` stops the color {st.upgrading} was started on"
+    if phase == "draining" and st.draining:
+        return f"`aipbxctl reconcile` resumes the drain of {st.draining.color}"
+    return None
+
+
+def _failed(e: AipbxError | OSError, paths: Paths) -> AipbxError:
+    """The error to report (an OSError made one line), with what reconcile will finish."""
+    err = as_error(e) if isinstance(e, OSError) else e
+    note = pending_note(paths)
+    if note and note not in (err.hint or ""):
+        err.hint = f"{err.hint}; {note}" if err.hint else note
+    return err
+
+
 def run_rollout(paths: Paths, services: Services, a: dict[str, Any], verb: str) -> dict[str, Any]:
     cfg = config_mod.load(paths.config)
     opts = options(cfg, a)
     out = (lambda _s: None) if a["json"] else (lambda s: print(s, flush=True))
     tl = upgrade.Timeline(out=out)
     ctx = upgrade.Ctx(paths, cfg, services, tl)
+    ctx.confirm = lambda what: confirm_risky(what, a["yes"])
     before = state.load(paths.state).live_release()
     if verb == "restart":
         target = before or "the live release"
@@ -86,7 +131,9 @@ def run_rollout(paths: Paths, services: Services, a: dict[str, Any], verb: str) 
                 )
             else:
                 figures = upgrade.rollback(ctx, a["to"], opts)
-        except AipbxError as e:
+        except (AipbxError, OSError) as caught:
+            # An OSError (a full disk under state.json...) is one line too, never a traceback.
+            e = _failed(caught, paths)
             if verb == "upgrade" and a.get("restore_db"):
                 # The upgrade failed after its migration: put the pre-upgrade backup back.
                 db_cmd.restore_after_failed_upgrade(paths, cfg, services, tl.figures, out)
@@ -98,10 +145,20 @@ def run_rollout(paths: Paths, services: Services, a: dict[str, Any], verb: str) 
             if a["json"]:
                 failed = {"ok": False, "error": e.message, "steps": tl.steps, **tl.figures}
                 print(json.dumps(failed, indent=2, sort_keys=True))
-            raise
+            if e is caught:
+                raise
+            raise e from caught
     drain_color = figures.pop("drain_color", None)
     if drain_color:
-        figures["old_color"] = upgrade.drain_and_stop(ctx, Color(drain_color), opts.drain_s)
+        try:
+            figures["old_color"] = upgrade.drain_and_stop(ctx, Color(drain_color), opts.drain_s)
+        except (AipbxError, OSError) as caught:
+            e = _failed(caught, paths)
+            e.message = f"{verb} done, but the drain of {drain_color} failed: {e.message}"
+            audit(verb, "failed", target=target, from_release=before, error=e.message)
+            if e is caught:
+                raise
+            raise e from caught
     figures["upgrade_s"] = round(tl.steps[-1]["elapsed_s"], 2) if tl.steps else 0.0
     audit(verb, "ok", target=target, from_release=before, to_release=figures.get("release"))
     return {"ok": True, "steps": tl.steps, **figures}
@@ -158,6 +215,31 @@ def format_releases(data: dict[str, Any]) -> str:
 
 
 def run_reconcile(paths: Paths, services: Services) -> list[str]:
+    """nft and the colors' links from state.json; an interrupted rollout resumed where it
+    stopped (its probation to the recorded deadline, then the drain of the old color
+    until its deadline, without the lock, as the upgrade would); the units in line."""
     cfg = config_mod.load(paths.config)
-    with locked(paths.lock, "change"):
-        return reconcile.network(paths, cfg) + reconcile.units(paths, services, cfg)
+    tl = upgrade.Timeline(out=lambda s: print(s, flush=True))
+    ctx = upgrade.Ctx(paths, cfg, services, tl)
+    try:
+        with locked(paths.lock, "change"):
+            changes = reconcile.network(paths, cfg)
+            changes += reconcile.links(paths)
+            changes += reconcile.resume_probation(ctx)
+            changes += reconcile.units(paths, services, cfg, clock=ctx.clock)
+        st = ctx.load()
+        # a resumed probation that failed switched back: report the table as it ends
+        changes[0] = reconcile.table_line(st.live_color)
+        if st.draining and st.draining.color != st.live_color:
+            color = st.draining.color
+            outcome = upgrade.drain_and_stop(ctx, color, 0)  # to the recorded deadline
+            changes.append(f"the drain of {color} ended: {outcome}")
+    except (AipbxError, OSError) as caught:
+        e = _failed(caught, paths)
+        audit("reconcile", "failed", error=e.message)
+        if e is caught:
+            raise
+        raise e from caught
+    if len(changes) > 1:  # the first line is always the nft table's
+        audit("reconcile", "ok", changes="; ".join(changes[1:]))
+    return changes

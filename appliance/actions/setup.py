@@ -182,6 +182,8 @@ def install_defaults(paths: Paths, services: Services) -> Report:
         # The app's environment: created once, never overwritten (not a conffile: an
         # upgrade of the package keeps it; purge removes /etc/aipbx).
         report.add(appenv.ensure_file(paths.backend_env))
+        # The watchdog's alert credentials: root's only, never in secrets.env.
+        report.add(secrets.separate(paths.secrets, paths.alerts_env))
         # The running releases' shared dirs are the app's (an older appliance seeded as root).
         report.add(shared.repair_in_use(paths))
     return report
@@ -204,6 +206,8 @@ def setup(
         report.add(apply_site_options(paths, domain, email, public_ip))
         cfg = config_mod.load(paths.config)
         config_mod.check_host(cfg, paths.config, netcheck.host_routes())
+        # Alert credentials out of secrets.env, which the backend's group reads.
+        report.add(secrets.separate(paths.secrets, paths.alerts_env))
         values, changed = secrets.ensure(paths.secrets)
         if changed:
             report.add(f"wrote secrets to {paths.secrets} (0640 root:_aipbx)")

@@ -4,13 +4,12 @@ the watchdog's view of the appliance's health."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from dataclasses import asdict
 from typing import Any
 
+from appliance import boottime, state
 from appliance import config as config_mod
-from appliance import state
 from appliance.colors import Color
 from appliance.paths import Paths
 from appliance.services import Services
@@ -55,15 +54,32 @@ def fetch_health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
 
 def collect(paths: Paths, services: Services) -> dict[str, Any]:
     st = state.load(paths.state)
+    now = boottime.now()
     return {
         "live_color": str(st.live_color) if st.live_color else None,
         "colors": st.colors,
         "frontend": st.frontend or None,
+        # deadlines are boot-time: "left_s" is what counts; "deadline" (epoch) is now + it
         "draining": (
-            {"color": str(st.draining.color), "deadline": st.draining.deadline}
+            {
+                "color": str(st.draining.color),
+                "left_s": round(st.draining.until.left(now), 1),
+                "deadline": round(now.wall + st.draining.until.left(now), 3),
+            }
             if st.draining
             else None
         ),
+        "probation": (
+            {
+                "color": str(st.probation.color),
+                "release": st.probation.release,
+                "old_color": str(st.probation.old_color) if st.probation.old_color else None,
+                "left_s": round(st.probation.until.left(now), 1),
+            }
+            if st.probation
+            else None
+        ),
+        "phase": st.phase(),
         # set while an upgrade runs; still set after a crash: `aipbxctl reconcile`
         "upgrading": st.upgrading or None,
         "set_up": paths.secrets.exists(),
@@ -119,11 +135,17 @@ def format_text(data: dict[str, Any]) -> str:
         lines.append(f"{color + ':':11} {release}")
     if data.get("frontend"):
         lines.append(f"frontend:   {data['frontend']}")
+    if data.get("probation"):
+        p = data["probation"]
+        lines.append(
+            f"probation:  {p['release']} on {p['color']} ({p['left_s']:.0f}s left; a failure "
+            f"switches back to {p['old_color'] or 'nothing'}; if no upgrade runs: "
+            "`aipbxctl reconcile` resumes it)"
+        )
     if data.get("draining"):
-        left = data["draining"]["deadline"] - time.time()
         lines.append(
             f"draining:   {data['draining']['color']} (stopped when idle, at the "
-            f"latest in {max(0, left):.0f}s)"
+            f"latest in {data['draining']['left_s']:.0f}s)"
         )
     if data.get("upgrading"):
         lines.append(

@@ -112,10 +112,11 @@ class Telegram(_Http):
 
 
 class Webhook(_Http):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, secret: bool = False) -> None:
         super().__init__()
         self.url = url
-        self.secrets: tuple[str, ...] = ()
+        # A URL from alerts.env carries its token (Slack, Teams...): masked like one.
+        self.secrets: tuple[str, ...] = (url,) if secret else ()
 
     async def send(self, alert: Alert, host: str, timeout: float) -> None:
         await self.post_json(self.url, payload(alert, host), timeout)
@@ -177,7 +178,7 @@ class Channel:
 
 
 def configure(a: Alerts, secrets: Mapping[str, str]) -> list[Channel]:
-    """The three channels from [alerts] and secrets.env; off (with a reason) when a setting
+    """The three channels from [alerts] and alerts.env; off (with a reason) when a setting
     or credential is missing."""
     out = []
     token = secrets.get("TELEGRAM_BOT_TOKEN", "")
@@ -187,14 +188,17 @@ def configure(a: Alerts, secrets: Mapping[str, str]) -> list[Channel]:
         or secrets.get("TELEGRAM_CHAT_ID", "")
     )
     if not token:
-        out.append(Channel("telegram", None, "TELEGRAM_BOT_TOKEN is not in secrets.env"))
+        out.append(Channel("telegram", None, "TELEGRAM_BOT_TOKEN is not in alerts.env"))
     elif not chat:
-        reason = "no chat: set alerts.telegram_chat_id or TELEGRAM_ADMIN_CHATID in secrets.env"
+        reason = "no chat: set alerts.telegram_chat_id or TELEGRAM_ADMIN_CHATID in alerts.env"
         out.append(Channel("telegram", None, reason))
     else:
         out.append(Channel("telegram", Telegram(a.telegram_base_url, token, chat), ""))
-    if a.webhook_url:
-        out.append(Channel("webhook", Webhook(a.webhook_url), ""))
+    hook = secrets.get("ALERT_WEBHOOK_URL", "")  # wins: aipbx.toml is the backend's to read
+    if hook and (not hook.startswith(("http://", "https://")) or any(c.isspace() for c in hook)):
+        out.append(Channel("webhook", None, "ALERT_WEBHOOK_URL in alerts.env is not a URL"))
+    elif hook or a.webhook_url:
+        out.append(Channel("webhook", Webhook(hook or a.webhook_url, secret=bool(hook)), ""))
     else:
         out.append(Channel("webhook", None, "alerts.webhook_url is not set"))
     password = secrets.get("ALERT_SMTP_PASSWORD", "")
@@ -210,7 +214,7 @@ def configure(a: Alerts, secrets: Mapping[str, str]) -> list[Channel]:
     if missing:
         out.append(Channel("email", None, f"{', '.join(missing)} not set"))
     elif a.smtp_user and not password:
-        out.append(Channel("email", None, "ALERT_SMTP_PASSWORD is not in secrets.env"))
+        out.append(Channel("email", None, "ALERT_SMTP_PASSWORD is not in alerts.env"))
     else:
         email = Email(
             a.smtp_host, a.smtp_port, a.smtp_starttls, a.smtp_user, password, a.smtp_from, a.smtp_to

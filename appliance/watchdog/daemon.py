@@ -241,10 +241,10 @@ async def _main(paths: Paths) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     cfg = load_config(paths)
-    try:
-        secrets = secrets_mod.load(paths.secrets)
+    try:  # 0600 root; the watchdog cannot read secrets.env (its unit hides it)
+        secrets = secrets_mod.load(paths.alerts_env)
     except OSError as e:
-        log.error("cannot read %s: %s; alerts that need it are off", paths.secrets, e)
+        log.error("cannot read %s: %s; alerts that need it are off", paths.alerts_env, e)
         secrets = {}
     settings = from_config(cfg.watchdog)
     channels = configure(cfg.alerts, secrets)
@@ -274,7 +274,9 @@ async def _main(paths: Paths) -> None:
         return {**monitor.snapshot(), "alerts": alerter.snapshot()}
 
     # Alerts not yet delivered and open incidents survive a restart.
-    spool = Spool(paths.var / "watchdog-alerts.json")
+    # In the one directory the watchdog may write (StateDirectory=aipbx/watchdog); read
+    # once from where an older appliance kept it, when the new one does not exist yet.
+    spool = Spool(paths.watchdog_var / "alerts.json", legacy=paths.var / "watchdog-alerts.json")
     saved = spool.load()
     monitor.resume_alert_state(saved.get("monitor"))
     requeued = alerter.requeue(saved.get("queues"), time.monotonic(), time.time())

@@ -3,9 +3,12 @@ a crash, a power cut) loses no alert and repeats none: the alerts not yet delive
 channel, and each check's open incident (an incident alerted before the restart is not
 alerted again, and its INFO still follows with the same incident id).
 
-One small JSON file under /var/lib/aipbx, replaced atomically (fsync, rename) whenever it
-would change: alerts are rare, so are the writes. A file that cannot be read is reported
-once and ignored; it must never keep the watchdog from supervising."""
+One small JSON file in /var/lib/aipbx/watchdog (the only directory the watchdog's unit
+may write), replaced atomically (fsync, rename) whenever it would change: alerts are rare,
+so are the writes. The file an older appliance kept in /var/lib/aipbx (`legacy`) is read
+when the new one does not exist yet, and then written in the new place. A file that
+cannot be read is reported once and ignored; it must never keep the watchdog from
+supervising."""
 
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ SCHEMA = "aipbx-watchdog-alerts/1"
 
 
 class Spool:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, legacy: Path | None = None) -> None:
         self.path = path
+        self.legacy = legacy
         self._written: str | None = None
         self._saved: dict[str, Any] | None = None  # the doc behind _written, once saved
         self._failing = False
@@ -32,7 +36,9 @@ class Spool:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return {}
+            if self.legacy is None:
+                return {}
+            return Spool(self.legacy).load()  # _written stays unset: saved anew at once
         except OSError as e:
             log.error("cannot read %s: %s; starting without it", self.path, e)
             return {}
@@ -56,6 +62,8 @@ class Spool:
             self._saved = doc
             return
         try:
+            if not self.path.parent.is_dir():  # systemd makes it (StateDirectory=)
+                self.path.parent.mkdir(mode=0o700)
             atomic_write(self.path, text, mode=0o600)
         except OSError as e:
             if not self._failing:  # once per streak of failures, not every round

@@ -189,3 +189,117 @@ def test_a_stopped_colors_udp_flows_are_forgotten_and_move_to_the_live_color(
     assert _ask(call, port, b"rtp-3") == b"green rtp-3"  # the same flow, now on green
     assert drain.usage(cfg, Color.GREEN).udp_flows == 1
     assert drain.forget_udp_flows(cfg, Color.BLUE) == 0
+
+
+# --- what a color reaches (appliance.nft's filter chains) -------------------------------------
+
+CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def _from_ns(netns_name: str, addr: str, port: int) -> str:
+    argv = ["ip", "netns", "exec", netns_name, "python3", "-c", CONNECT, addr, str(port)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+@pytest.fixture
+def listeners() -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
+    yield socks
+    for s in socks:
+        s.close()
+
+
+def _listen(socks: list[socket.socket], addr: str, port: int) -> None:
+    s = socket.create_server((addr, port))
+    socks.append(s)
+
+
+def test_a_color_reaches_its_pgbouncer_address_and_nothing_else_of_the_host(
+    lab: tuple[config.Config, str, str], listeners: list[socket.socket]
+) -> None:
+    cfg, prefix, table = lab
+    pgb, other = random.randint(20000, 29000), random.randint(30000, 39000)
+    cfg = dataclasses.replace(cfg, database=dataclasses.replace(cfg.database, pgbouncer_port=pgb))
+    blue = color_net(cfg.network.subnet, Color.BLUE, prefix=prefix)
+    green = color_net(cfg.network.subnet, Color.GREEN, prefix=prefix)
+    for net in (blue, green):
+        _listen(listeners, net.host_addr, pgb)  # PgBouncer listens on each veth address
+    _listen(listeners, "0.0.0.0", other)  # a host service on every address
+    # without the table, blue reaches all of it: the listeners are real
+    assert _from_ns(blue.netns, green.host_addr, pgb) == "connected"
+    assert _from_ns(blue.netns, blue.host_addr, other) == "connected"
+    nft.apply(nft.render(cfg, Color.BLUE, table=table, prefix=prefix))
+    assert _from_ns(blue.netns, blue.host_addr, pgb) == "connected"
+    assert _from_ns(green.netns, green.host_addr, pgb) == "connected"
+    refused = {"ConnectionRefusedError", "OSError", "TimeoutError"}
+    assert _from_ns(blue.netns, green.host_addr, pgb) in refused  # not the other's address
+    assert _from_ns(blue.netns, blue.host_addr, other) in refused
+    assert _from_ns(green.netns, green.host_addr, other) in refused
+    # a port listed in [network] host_ports is open to both
+    opened = dataclasses.replace(
+        cfg, network=dataclasses.replace(cfg.network, host_ports=(f"tcp/{other}",))
+    )
+    nft.apply(nft.render(opened, Color.BLUE, table=table, prefix=prefix))
+    assert _from_ns(blue.netns, blue.host_addr, other) == "connected"
+    assert _from_ns(green.netns, green.host_addr, other) == "connected"
+
+
+def test_the_colors_cannot_reach_each_other_but_reach_other_hosts(
+    lab: tuple[config.Config, str, str], listeners: list[socket.socket]
+) -> None:
+    cfg, prefix, table = lab
+    port = cfg.backend.http_port  # the echo servers' TCP port in both colors
+    blue = color_net(cfg.network.subnet, Color.BLUE, prefix=prefix)
+    green = color_net(cfg.network.subnet, Color.GREEN, prefix=prefix)
+    # another host: a namespace behind its own veth, routed by this host
+    ext, ext_if = f"{prefix}-ext", f"{prefix}-x"
+    base = random.choice(range(0, 256, 4))
+    host_side, ext_side = f"198.18.{base}.1", f"198.18.{base}.2"
+    subprocess.run(["ip", "netns", "add", ext], check=True)
+    server = None
+    try:
+        for argv in (
+            ["ip", "link", "add", ext_if, "type", "veth", "peer", "name", "eth0", "netns", ext],
+            ["ip", "addr", "add", f"{host_side}/30", "dev", ext_if],
+            ["ip", "link", "set", ext_if, "up"],
+            ["ip", "-n", ext, "addr", "add", f"{ext_side}/30", "dev", "eth0"],
+            ["ip", "-n", ext, "link", "set", "eth0", "up"],
+            ["ip", "-n", ext, "route", "add", "default", "via", host_side],
+        ):
+            subprocess.run(argv, check=True)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ext, "python3", "-c", ECHO, "ext", str(port)]
+        )
+        for _ in range(50):  # the echo servers start
+            if _from_ns(blue.netns, green.ns_addr, port) == "connected":
+                break
+            time.sleep(0.1)
+        assert _from_ns(blue.netns, green.ns_addr, port) == "connected"  # no filter yet
+        assert _from_ns(ext, blue.ns_addr, port) == "connected"  # routed straight in
+        nft.apply(nft.render(cfg, Color.BLUE, table=table, prefix=prefix))
+        refused = {"ConnectionRefusedError", "OSError", "TimeoutError"}
+        assert _from_ns(blue.netns, green.ns_addr, port) in refused
+        assert _from_ns(green.netns, blue.ns_addr, port) in refused
+        for _ in range(50):
+            if _from_ns(blue.netns, ext_side, port) == "connected":
+                break
+            time.sleep(0.1)
+        assert _from_ns(blue.netns, ext_side, port) == "connected"  # the outside world
+        assert _from_ns(green.netns, ext_side, port) == "connected"
+        # the host itself still reaches both colors (nginx, the health gate, the watchdog)
+        with _connect((green.ns_addr, port)) as s:
+            assert _tcp_ask(s.makefile("rwb"), b"hi") == b"green hi"
+        # and another host reaches a color only through the DNAT, not directly
+        assert _from_ns(ext, blue.ns_addr, port) in refused
+    finally:
+        if server is not None:
+            stop(server)
+        subprocess.run(["ip", "link", "delete", ext_if], check=False)
+        subprocess.run(["ip", "netns", "delete", ext], check=False)

@@ -80,7 +80,7 @@ def test_daemon_notifies_serves_and_stops(tmp_path: Path) -> None:
         "[database]\n"
         f"postgres_port = {free_port()}\n",
     )
-    (root / "etc/aipbx/secrets.env").write_text("TELEGRAM_BOT_TOKEN=never-shown\n")
+    (root / "etc/aipbx/alerts.env").write_text("TELEGRAM_BOT_TOKEN=never-shown\n")
     sock_path = Path(tempfile.mkdtemp(prefix="aipbx-notify-")) / "notify"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(sock_path))
@@ -215,7 +215,7 @@ def test_an_undelivered_alert_survives_a_restart_and_is_not_repeated(tmp_path: P
         "[database]\n"
         f"postgres_port = {free_port()}\npgbouncer_port = {free_port()}\n",
     )
-    spool = root / "var/lib/aipbx/watchdog-alerts.json"
+    spool = root / "var/lib/aipbx/watchdog/alerts.json"
 
     def queued() -> list[dict[str, Any]]:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from typing import Any
 from tests.system.machine import Machine
 
 DEB_IN = "/root/aipbx-appliance.deb"
+HERE = Path(__file__).resolve().parent
+SAMPLE_DIR = Path(os.environ.get("AIPBX_SAMPLE_DIR", HERE.parents[1] / "build" / "sample"))
 
 
 def install(machine: Machine, deb: Path) -> str:
@@ -22,6 +25,46 @@ def install(machine: Machine, deb: Path) -> str:
         timeout=300,
     )
     return r.stdout + r.stderr
+
+
+def copy_sample(machine: Machine, *versions: str) -> None:
+    """The sample backend's artifacts (`make sample`) and their .sha256, into /root."""
+    for v in versions:
+        for suffix in ("", ".sha256"):
+            src = SAMPLE_DIR / f"aipbx-sample-{v}.tar.gz{suffix}"
+            if not src.is_file():
+                raise AssertionError(f"{src} is missing: run `make sample`")
+            shutil.copy(src, machine.path("/root") / src.name)
+
+
+def backend_environ(machine: Machine, color: str) -> dict[str, str]:
+    """The environment of a color's backend (its main process), from /proc."""
+    pid = machine.run(
+        ["systemctl", "show", "-p", "MainPID", "--value", f"aipbx-backend@{color}.service"]
+    ).stdout.strip()
+    text = machine.run(["cat", f"/proc/{pid}/environ"]).stdout
+    return dict(kv.split("=", 1) for kv in text.split("\0") if "=" in kv)
+
+
+def hold_websocket(machine: Machine, unit: str, url: str = "wss://127.0.0.1/ws/") -> None:
+    """A WebSocket client through nginx, held open for 10 minutes by the transient unit
+    `unit` (`systemctl stop UNIT` ends it): it keeps the color that answered it busy, so a
+    drain waits for it."""
+    machine.run(
+        [
+            "systemd-run",
+            "--unit",
+            unit,
+            "python3",
+            "-c",
+            "import asyncio,aiohttp\n"
+            "async def m():\n"
+            " async with aiohttp.ClientSession() as s:\n"
+            f"  async with s.ws_connect({url!r}, ssl=False) as ws:\n"
+            "   await asyncio.sleep(600)\n"
+            "asyncio.run(m())",
+        ]
+    )
 
 
 def assert_no_failed_units(machine: Machine) -> None:

@@ -17,7 +17,13 @@ from typing import Any
 
 import pytest
 
-from tests.system.appliance import aipbxctl_json, assert_no_failed_units, install, wait_until
+from tests.system.appliance import (
+    aipbxctl_json,
+    assert_no_failed_units,
+    hold_websocket,
+    install,
+    wait_until,
+)
 from tests.system.machine import Machine
 
 pytestmark = pytest.mark.system
@@ -177,21 +183,7 @@ def test_rollback_is_instant_while_the_old_color_drains(machine: Machine) -> Non
         )
 
     # a WebSocket client through nginx keeps blue busy, so the upgrade waits in its drain
-    machine.run(
-        [
-            "systemd-run",
-            "--unit",
-            "ws-hold",
-            "python3",
-            "-c",
-            "import asyncio,aiohttp\n"
-            "async def m():\n"
-            " async with aiohttp.ClientSession() as s:\n"
-            "  async with s.ws_connect('wss://127.0.0.1/ws/', ssl=False) as ws:\n"
-            "   await asyncio.sleep(600)\n"
-            "asyncio.run(m())",
-        ]
-    )
+    hold_websocket(machine, "ws-hold")
     t = threading.Thread(target=upgrade)
     t.start()
     wait_until(lambda: live_color(machine) == "green", 120, "the switch to green")
@@ -418,6 +410,8 @@ def test_a_frontend_release_switches_the_spa(machine: Machine, tmp_path: Path) -
         (build / "static").mkdir(parents=True)
         (build / "index.html").write_text(f"<html>aiPBX frontend {version}</html>\n")
         (build / "static" / "app.js").write_text(f"console.log('{version}')\n")
+        # a lazily loaded chunk, by its content hash (each release has its own)
+        (build / f"412.{version.replace('.', '')}.js").write_text(f"chunk {version}\n")
         artifact = _pack_on_host(
             tmp_path,
             str(build),
@@ -441,6 +435,14 @@ def test_a_frontend_release_switches_the_spa(machine: Machine, tmp_path: Path) -
         )
     link = machine.run(["readlink", "/opt/aipbx/frontend/current"]).stdout.strip()
     assert link.endswith("aipbx-frontend-1.1.0"), link
+    # a tab opened on 1.0.0 still gets its chunk from 1.1.0's site, cached for good; pages
+    # are asked again at every load
+    head = machine.run(["curl", "-sk", "-D", "-", "https://127.0.0.1/412.100.js"]).stdout
+    assert head.startswith("HTTP/2 200") and head.endswith("chunk 1.0.0\n"), head
+    assert "cache-control: public, immutable" in head.lower(), head
+    assert "chunk 1.1.0" in machine.run(["curl", "-sk", "https://127.0.0.1/412.110.js"]).stdout
+    page = machine.run(["curl", "-sk", "-D", "-", "https://127.0.0.1/"]).stdout.lower()
+    assert "cache-control: no-cache" in page and "frontend 1.1.0" in page, page
 
 
 def test_power_cut_mid_upgrade_heals_at_boot(machine: Machine) -> None:

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.system.appliance import aipbxctl_json, assert_no_failed_units, install, wait_until
+from tests.system.appliance import (
+    aipbxctl_json,
+    assert_no_failed_units,
+    backend_environ,
+    install,
+    wait_until,
+)
 from tests.system.machine import Machine
 from tests.system.realapp import (
     APP_ENV,
@@ -313,14 +319,6 @@ def test_upgrade_and_rollback_under_load(machine: Machine, app: dict[str, Any]) 
         status, _, body = curl(machine, path)
         assert status == 200 and len(body) > 100, path
     assert_no_failed_units(machine)
-
-
-def backend_environ(machine: Machine, color: str) -> dict[str, str]:
-    pid = machine.run(
-        ["systemctl", "show", "-p", "MainPID", "--value", f"aipbx-backend@{color}.service"]
-    ).stdout.strip()
-    text = machine.run(["cat", f"/proc/{pid}/environ"]).stdout
-    return dict(kv.split("=", 1) for kv in text.split("\0") if "=" in kv)
 
 
 def test_env_set_applies_without_downtime(machine: Machine) -> None:

@@ -343,7 +343,8 @@ def test_a_hung_backend_alerts_once_to_telegram_and_the_webhook(machine: Machine
     ):
         assert old in edited, old
         edited = edited.replace(old, new, 1)
-    secrets = machine.path("/etc/aipbx/secrets.env")
+    # the watchdog's credentials: alerts.env, root's only (secrets.env is the app's)
+    secrets = machine.path("/etc/aipbx/alerts.env")
     secrets_before = secrets.read_text()
     try:
         conf.write_text(edited)

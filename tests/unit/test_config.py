@@ -139,3 +139,12 @@ def test_subnet_must_leave_room() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "aipbx.toml")
+
+
+def test_host_ports_are_checked_with_their_line() -> None:
+    cfg = config.parse('[network]\nhost_ports = ["tcp/5038", "udp/10000-10100"]\n')
+    assert cfg.network.host_ports == ("tcp/5038", "udp/10000-10100")
+    errs = errors_of('[network]\nhost_ports = ["tcp/5038", "5060"]\n')
+    assert errs == [
+        "aipbx.toml:2: network.host_ports: '5060' is not tcp/PORT, udp/PORT or tcp/FIRST-LAST"
+    ]

@@ -39,7 +39,8 @@ def test_nft_ruleset_replaces_the_table_atomically_and_dnats_to_live() -> None:
     # nginx's upstream address, HTTP and WebSocket, only in output (nginx is local)
     assert text.count("ip daddr 127.203.0.1 tcp dport { 5005, 3033 } dnat ip to 10.203.0.6") == 1
     assert 'ip saddr 10.203.0.0/24 oifname != { "aipbx-blue", "aipbx-green" } masquerade' in text
-    assert "dnat" not in nft.render(cfg, None).split("table inet aipbx {\n")[1]
+    nat = nft.render(cfg, None).split("table inet aipbx {\n")[1].split("chain input")[0]
+    assert "dnat" not in nat
 
 
 def test_subnet_clash_with_host_routes() -> None:
@@ -53,3 +54,37 @@ def test_subnet_clash_with_host_routes() -> None:
     ]
     assert clashes("10.203.0.0/24", routes) == ["10.203.0.0/16 dev wg0"]
     assert clashes("10.250.0.0/24", routes) == []
+
+
+def test_nft_filters_what_a_color_reaches() -> None:
+    cfg = config.parse('[network]\nhost_ports = ["tcp/5038", "udp/10000-10100", "tcp/8088"]\n')
+    text = nft.render(cfg, Color.BLUE)
+    lines = [ln.strip() for ln in text.splitlines()]
+    colors = '{ "aipbx-blue", "aipbx-green" }'
+    assert f"iifname {colors} jump from_color" in lines
+    # PgBouncer only on the color's own veth address
+    assert 'iifname "aipbx-blue" ip daddr 10.203.0.1 tcp dport 6432 accept' in lines
+    assert 'iifname "aipbx-green" ip daddr 10.203.0.5 tcp dport 6432 accept' in lines
+    assert "meta l4proto { tcp, udp } th dport 53 accept" in lines
+    assert "tcp dport { 80, 443 } accept" in lines
+    assert "tcp dport { 5038, 8088 } accept" in lines
+    assert "udp dport { 10000-10100 } accept" in lines
+    # the chain ends refusing the rest, after every accept
+    chain = text.split("chain from_color {")[1].split("}\n")[0]
+    assert chain.rstrip().splitlines()[-1].strip() == (
+        "counter reject with icmpx type admin-prohibited"
+    )
+    # never from one color to the other; into a color only replies and the DNATed RTP
+    assert (
+        f"iifname {colors} oifname {colors} counter reject with icmpx type admin-prohibited"
+    ) in lines
+    assert f"oifname {colors} ct status dnat accept" in lines
+    assert f"oifname {colors} counter drop" in lines
+    # the filter does not depend on the live color
+    assert nft.render_filters(cfg) in nft.render(cfg, None)
+
+
+def test_nft_filters_without_host_ports_open_only_the_appliance_ports() -> None:
+    text = nft.render(config.parse(""), Color.GREEN)
+    assert "tcp dport { 80, 443 } accept" in text
+    assert "5038" not in text and "udp dport {" not in text

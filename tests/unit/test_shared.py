@@ -456,7 +456,7 @@ def test_an_instant_rollback_puts_the_older_files_back_before_the_switch(
     w = paths.shared / "app/static/w.js"
     at_switch: list[bytes] = []
 
-    def switch_to(ctx: upgrade.Ctx, color: Color | None, *, why: str) -> float:
+    def switch_to(ctx: upgrade.Ctx, color: Color | None, *, why: str, **_: object) -> float:
         at_switch.append(w.read_bytes())
         return 1.0
 

@@ -82,6 +82,8 @@ def test_service_cannot_gain_privileges(name: str) -> None:
 def test_service_sees_a_read_only_os_and_a_private_tmp(name: str) -> None:
     svc = unit(name)["Service"]
     assert svc.get("ProtectSystem") == "strict"
+    # systemd 252 leaves /run writable under strict once ProtectProc= or the like is set
+    assert "/run" in values(name, "Service", "ReadOnlyPaths")
     assert svc.get("PrivateTmp") == "yes"
     assert svc.get("ProtectHome") == "yes"
     assert svc.get("PrivateDevices") == "yes"
@@ -123,9 +125,16 @@ def test_watchdog_is_notify_with_a_watchdog_timeout() -> None:
     assert svc.get("Restart") == "always"
     assert svc.get("ExecStart") == "/usr/libexec/aipbx/aipbx-watchdog"
     assert svc.get("MemoryDenyWriteExecute") == "yes"
-    # It must see the backends' processes (another user) in /proc.
-    assert svc.get("ProtectProc", "default") == "default"
+    # It reads no other process's /proc entry (only /proc/locks, meminfo, its own net).
+    assert svc.get("ProtectProc") == "invisible"
     assert set(svc["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN"}
+    # It writes one directory, its alert spool: not state.json, /etc/aipbx or /run/aipbx.
+    assert "ReadWritePaths" not in svc
+    assert svc.get("StateDirectory") == "aipbx/watchdog"
+    assert svc.get("StateDirectoryMode") == "0700"
+    lines = values("aipbx-watchdog.service", "Service", "InaccessiblePaths")
+    hidden = {p for v in lines for p in v.split()}
+    assert {"-/var/lib/aipbx/shared", "-/etc/letsencrypt/accounts"} <= hidden
     assert u["Unit"].get("PartOf") == "aipbx.target"
 
 
@@ -136,6 +145,10 @@ def test_pgbouncer_is_skipped_until_setup() -> None:
     assert svc.get("Type") == "notify"
     assert svc.get("User") == "postgres"
     assert svc.get("ExecStart") == "/usr/sbin/pgbouncer /etc/aipbx/pgbouncer.ini"
+    # not in the _aipbx group: an ACL lets postgres through /etc/aipbx (tmpfiles.d)
+    assert "SupplementaryGroups" not in svc
+    tmpfiles = (ROOT / "packaging/debian/aipbx-appliance.tmpfiles").read_text()
+    assert re.search(r"^a\+\s+/etc/aipbx\s+(-\s+){4}u:postgres:--x$", tmpfiles, re.M)
 
 
 def test_pgbouncer_starts_after_both_veths_and_pulls_them_in() -> None:
@@ -165,7 +178,9 @@ def test_backup_is_a_sandboxed_postgres_oneshot_on_a_daily_timer() -> None:
     hidden = {
         p for v in values("aipbx-backup.service", "Service", "InaccessiblePaths") for p in v.split()
     }
-    assert {"-/etc/aipbx/secrets.env", "-/var/lib/aipbx", "-/opt/aipbx"} <= hidden
+    assert {"-/var/lib/aipbx", "-/opt/aipbx"} <= hidden
+    # not in the _aipbx group, which reads the app's secrets.env and backend.env
+    assert "SupplementaryGroups" not in svc
     assert u["Unit"].get("ConditionPathExists") == "/etc/aipbx/secrets.env"
     assert "Install" not in u  # only the timer starts it
     t = unit("aipbx-backup.timer")
@@ -234,8 +249,10 @@ def test_repeated_keys_all_count() -> None:
 
 def test_packaging_installs_every_unit() -> None:
     install = (ROOT / "packaging/debian/aipbx-appliance.install").read_text().split()
-    for u in UNITS.iterdir():
-        assert f"units/{u.name}" in install, u.name
+    for u in UNITS.rglob("*"):
+        if u.is_file():  # the units, and the drop-ins for Debian's units (units/dropins/)
+            name = u.relative_to(UNITS).as_posix()
+            assert f"units/{name}" in install, name
 
 
 # The shipped /etc/aipbx/aipbx.toml: every key of appliance/config.py, commented out, with

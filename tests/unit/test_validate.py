@@ -30,3 +30,11 @@ def test_color_addresses_do_not_overlap() -> None:
     assert (blue.host_addr, blue.ns_addr) == ("10.203.0.1", "10.203.0.2")
     assert (green.host_addr, green.ns_addr) == ("10.203.0.5", "10.203.0.6")
     assert Color.BLUE.other is Color.GREEN
+
+
+def test_host_ports() -> None:
+    assert v.host_port("tcp/5038") == ("tcp", 5038, 5038)
+    assert v.host_port("udp/10000-10100") == ("udp", 10000, 10100)
+    for bad in ("5038", "sctp/1", "tcp/0", "tcp/70000", "udp/20-10", "tcp/5038\n", "tcp/ 1"):
+        with pytest.raises(ValueError):
+            v.host_port(bad)

@@ -262,3 +262,31 @@ def test_the_spool_writes_only_changes_and_survives_a_bad_file(tmp_path: Path) -
     assert Spool(path).load() == {}
     path.write_text('{"schema": "something-else"}')
     assert Spool(path).load() == {}
+
+
+def test_the_spool_moves_from_where_an_older_appliance_kept_it(tmp_path: Path) -> None:
+    """The watchdog writes only /var/lib/aipbx/watchdog/: the old spool is read once, and
+    the first save writes the new one even when nothing changed since."""
+    from appliance.watchdog.spool import Spool
+
+    legacy, new = tmp_path / "watchdog-alerts.json", tmp_path / "watchdog" / "alerts.json"
+    Spool(legacy).save({"incidents": {"nginx": {"count": 1}}}, {"webhook": []})
+    spool = Spool(new, legacy=legacy)
+    doc = spool.load()
+    assert doc["monitor"] == {"incidents": {"nginx": {"count": 1}}}
+    spool.save(doc["monitor"], doc["queues"])
+    assert Spool(new).load() == doc and (new.parent.stat().st_mode & 0o777) == 0o700
+    assert Spool(new, legacy=legacy).load() == doc  # the new one wins from now on
+
+
+def test_a_webhook_url_in_alerts_env_wins_and_is_masked() -> None:
+    """aipbx.toml is readable by the backend's group: a URL carrying its token belongs in
+    alerts.env (ALERT_WEBHOOK_URL), root's only."""
+    url = "https://hooks.example.test/services/T0/B0/s3cr3t"
+    a = Alerts(webhook_url="http://127.0.0.1:9/hook")
+    hook = {c.name: c for c in configure(a, {"ALERT_WEBHOOK_URL": url})}["webhook"].sender
+    assert isinstance(hook, Webhook) and hook.url == url and hook.secrets == (url,)
+    plain = {c.name: c for c in configure(a, {})}["webhook"].sender
+    assert isinstance(plain, Webhook) and plain.secrets == ()
+    bad = {c.name: c for c in configure(Alerts(), {"ALERT_WEBHOOK_URL": "ftp://x"})}["webhook"]
+    assert bad.sender is None and "ALERT_WEBHOOK_URL" in bad.reason
