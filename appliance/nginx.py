@@ -155,9 +155,17 @@ def test_candidates(paths: Paths, *, site: str, main: str, upstream: str) -> boo
         test_conf = _test_main_conf(nginx_conf, paths, cand_site, cand_main)
         if test_conf is None:
             return False
-        (t / "nginx.conf").write_text(test_conf)
+        # `nginx -t` creates and removes the pid file it names: its own, not the running
+        # master's /run/nginx.pid (which a sandboxed caller, certbot's hook, cannot write).
+        (t / "nginx.conf").write_text(with_pid(test_conf, t / "nginx.pid"))
         nginx_test(t / "nginx.conf")
         return True
+
+
+def with_pid(nginx_conf: str, pid: Path) -> str:
+    """Pure: nginx.conf with its main-context `pid` directive naming `pid` instead."""
+    text, n = re.subn(r"(?m)^\s*pid\s+[^;]*;", f"pid {pid};", nginx_conf, count=1)
+    return text if n else f"pid {pid};\n{nginx_conf}"
 
 
 def apply(

@@ -203,3 +203,11 @@ def test_the_redirect_never_uses_the_clients_host_header(tmp_path: Path) -> None
 def test_hsts_preload_must_be_a_boolean() -> None:
     with pytest.raises(ConfigError, match="hsts_preload"):
         config.parse('[nginx]\nhsts_preload = "yes"\n')
+
+
+def test_the_candidates_test_names_its_own_pid_file() -> None:
+    debian = "user www-data;\nworker_processes auto;\npid /run/nginx.pid;\ninclude x;\n"
+    assert nginx.with_pid(debian, Path("/tmp/t/nginx.pid")) == debian.replace(
+        "/run/nginx.pid", "/tmp/t/nginx.pid"
+    )
+    assert nginx.with_pid("user www-data;\n", Path("/t/p")) == "pid /t/p;\nuser www-data;\n"
