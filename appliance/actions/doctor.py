@@ -365,6 +365,7 @@ CHECKS: tuple[Check, ...] = (
     check_nginx,
     check_disk,
     check_certificate,
+    check_renewal,
     check_app_env,
 )
 

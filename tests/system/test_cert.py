@@ -481,6 +481,10 @@ def test_failed_renewal_keeps_the_old_certificate_and_alerts(machine: Machine) -
     assert re.search(
         r"^renewal\s+FAILING: ", machine.run(["aipbxctl", "cert", "status"]).stdout, re.M
     )
+    # doctor reports it too (a finding, exit 5)
+    code, report = aipbxctl_json(machine, "doctor", check=False)
+    found = [f for f in report["findings"] if f["check"] == "certificate renewal"]
+    assert code == 5 and found and "Connection refused" in found[0]["message"], report
 
     def renewal_check() -> dict[str, Any] | None:
         h = health(machine)
