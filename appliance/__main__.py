@@ -28,7 +28,7 @@ from appliance.actions import (
     status,
 )
 from appliance.cli import parser
-from appliance.errors import AipbxError, ExitCode, UsageError
+from appliance.errors import AipbxError, ExitCode, NotSetUpError, UsageError
 from appliance.oserror import as_error
 from appliance.paths import Paths
 from appliance.services import SystemdServices
@@ -186,6 +186,11 @@ def _without_values(argv: Sequence[str], assignments: Sequence[str]) -> None:
     os.execve(sys.executable, [*prefix, *args], env)
 
 
+# What needs `setup` done first (the database role, its password in secrets.env, PgBouncer):
+# exit 4 before anything is touched.
+NEEDS_SETUP = frozenset({"upgrade", "rollback", "restart", "backup", "restore", "migrations"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if argv is None and args.command == "env" and args.env_command == "set":
@@ -207,6 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if needs_root and os.geteuid() != 0:
             raise UsageError(
                 f"`aipbxctl {args.command}` must run as root", hint=f"sudo aipbxctl {args.command}"
+            )
+        if args.command in NEEDS_SETUP and not paths.secrets.exists():
+            raise NotSetUpError(
+                f"`aipbxctl {args.command}`: the appliance is not set up ({paths.secrets} is "
+                "missing)",
+                hint="run `aipbxctl setup [--domain D --email E]` first",
             )
         return int(_dispatch(args, paths))
     except AipbxError as e:

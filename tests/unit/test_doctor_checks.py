@@ -35,3 +35,30 @@ def test_a_failed_renewal_is_a_finding(tmp_path: Path, monkeypatch: pytest.Monke
     (f,) = doctor.check_renewal(paths, None)  # type: ignore[arg-type]
     assert (f.check, f.severity) == ("certificate renewal", "warning")
     assert "nginx refused the chain" in f.message and "certbot.service" in f.hint
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["upgrade", "/nonexistent.tar.gz", "--yes"],
+        ["rollback", "--yes"],
+        ["restart", "--yes"],
+        ["backup"],
+        ["restore", "/nonexistent.dump", "--yes"],
+        ["migrations", "list"],
+    ],
+)
+def test_what_needs_setup_exits_4_before_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    from appliance import __main__ as cli
+
+    monkeypatch.setenv("AIPBX_ROOT", str(tmp_path))
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    assert cli.main(argv) == 4
+    err = capsys.readouterr().err
+    assert "the appliance is not set up" in err and "hint: run `aipbxctl setup" in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing was created
