@@ -57,7 +57,7 @@ def test_what_needs_setup_exits_4_before_it(
     from appliance import __main__ as cli
 
     monkeypatch.setenv("AIPBX_ROOT", str(tmp_path))
-    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
     assert cli.main(argv) == 4
     err = capsys.readouterr().err
     assert "the appliance is not set up" in err and "hint: run `aipbxctl setup" in err, err
