@@ -28,7 +28,9 @@ class ColorNet:
     host_addr: str  # host end of the veth: PgBouncer and the gateway
     ns_addr: str  # inside the namespace: the backend
     prefixlen: int
-    netns: str  # name under /run/netns
+    # a name for tests that pin a namespace with `ip netns`; the appliance's own are held
+    # by aipbx-netns@COLOR.service
+    netns: str
     host_if: str  # veth name on the host
     ns_if: str  # veth name inside the namespace
 
