@@ -6,7 +6,9 @@ systemd's EnvironmentFile= syntax, so that a migration gets exactly the same).""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -70,13 +72,18 @@ def backend_env(
     return env
 
 
-# Control sequences (CSI: ESC [ params intermediates final), as GNU sed's regex. Nest's
-# logger honours NO_COLOR for its own colours but passes its extra arguments to
-# util.inspect() with colors on whatever the environment says (Nest 11 ConsoleLogger), so a
-# port number or an error object still reaches the journal as `ESC[33m3033ESC[39m`, which
-# journalctl then shows as "[blob data]".
-SED = "/usr/bin/sed"
-STRIP_CSI = r"s/\x1b\[[0-?]*[ -\/]*[@-~]//g"
+# Control sequences (CSI: ESC [ params intermediates final). Nest's logger honours
+# NO_COLOR for its own colours but passes its extra arguments to util.inspect() with colors
+# on whatever the environment says (Nest 11 ConsoleLogger), so a port number or an error
+# object still reaches the journal as `ESC[33m3033ESC[39m`, which journalctl then shows as
+# "[blob data]".
+CSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]")
+# How long the filter still passes output once the app has died: what the app wrote last
+# is in the pipe; a process of the app's that keeps the pipe open (and ignores SIGTERM)
+# must not hold the unit's stop until TimeoutStopSec.
+AFTER_APP_S = 3.0
+_CHUNK = 1 << 16
+PR_SET_PDEATHSIG = 1
 
 
 def strips_colours(env: Mapping[str, str]) -> bool:
@@ -85,27 +92,63 @@ def strips_colours(env: Mapping[str, str]) -> bool:
     return bool(env.get("NO_COLOR")) and not env.get("FORCE_COLOR")
 
 
-def filter_argv() -> list[str]:
-    return [SED, "--unbuffered", "-e", STRIP_CSI]
+def strip_csi(data: bytes) -> bytes:
+    """Pure: the bytes without control sequences."""
+    return CSI.sub(b"", data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _on_parent_death(sig: int) -> None:
+    """Ask the kernel for `sig` when the process that forked this one (the app, once it
+    has exec'd) dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def filter_stream(r: int, out: int, parent: int) -> None:
+    """The filter's life: read the app's output from `r` line by line, write it to `out`
+    without control sequences, until EOF; SIGTERM, SIGINT and SIGHUP are ignored (systemd
+    signals every process of the unit at a stop, and the app's last lines come after), but
+    AFTER_APP_S after the app died the filter ends whatever it was doing."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGUSR1, lambda *_: signal.setitimer(signal.ITIMER_REAL, AFTER_APP_S))
+    _on_parent_death(signal.SIGUSR1)
+    if os.getppid() != parent:  # it died before the request was made
+        signal.setitimer(signal.ITIMER_REAL, AFTER_APP_S)
+    pending = b""
+    while chunk := os.read(r, _CHUNK):
+        pending += chunk
+        lines, newline, pending = pending.rpartition(b"\n")
+        if newline:
+            _write_all(out, strip_csi(lines + newline))
+        if len(pending) > _CHUNK:  # a line that never ends: pass it on in pieces
+            _write_all(out, strip_csi(pending))
+            pending = b""
+    if pending:
+        _write_all(out, strip_csi(pending))
 
 
 def _through_filter() -> None:
-    """Send this process's stdout and stderr through `sed` (a child that strips control
-    sequences and writes to the journal stream this process had), then return to exec the
-    app in this process: the app stays the unit's main process, gets its signals, and the
-    filter ends at EOF when the app exits."""
+    """Send this process's stdout and stderr through a filter (a forked child that strips
+    control sequences and writes to the journal stream this process had), then return to
+    exec the app in this process: the app stays the unit's main process, gets its signals,
+    and the filter ends at EOF after the app exits, or AFTER_APP_S after at the latest."""
+    parent = os.getpid()
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the filter: it outlives a SIGTERM to the unit, reading to the app's EOF
+    if pid == 0:
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)  # kept ignored across exec
-            os.dup2(r, 0)
-            os.close(r)
             os.close(w)
-            os.execv(SED, filter_argv())
+            filter_stream(r, 1, parent)
         finally:
-            os._exit(127)
+            os._exit(0)
     os.dup2(w, 1)
     os.dup2(w, 2)
     os.close(r)
@@ -133,6 +176,6 @@ def main(argv: Sequence[str]) -> int:
         file=sys.stderr,
         flush=True,
     )
-    if strips_colours(env) and os.access(SED, os.X_OK):
+    if strips_colours(env):
         _through_filter()
     os.execvpe(m.command[0], list(m.command), env)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from appliance import config, launcher
 from appliance.colors import Color
-from appliance.launcher import backend_env, filter_argv, strips_colours
+from appliance.launcher import backend_env, strip_csi, strips_colours
 from appliance.release.manifest import Kind, Manifest
 
 CFG = config.parse("")
@@ -68,9 +68,9 @@ NEST = (
 
 
 def test_the_filter_leaves_the_text_and_no_control_sequence() -> None:
-    out = subprocess.run(filter_argv(), input=NEST, capture_output=True, text=True, check=True)
-    assert "\x1b" not in out.stdout
-    assert out.stdout == (
+    out = strip_csi(NEST.encode()).decode()
+    assert "\x1b" not in out
+    assert out == (
         "[Nest] 375  - 11/29/2026, 5:01:32 PM     LOG [WsServerGateway] WS server started "
         "on port: 3033\n{ error: 'ECONNREFUSED', code: -111 } bold\n"
     )
@@ -119,3 +119,56 @@ def test_the_filter_outlives_a_sigterm_and_passes_the_last_lines() -> None:
     )
     _, text = _through_filter_then_exec(script)
     assert text.splitlines() == ["before", "last words"], text
+
+
+def test_lines_split_across_reads_and_a_line_that_never_ends(tmp_path: Path) -> None:
+    """filter_stream on real pipes: a control sequence cut by the pipe's chunks is still
+    removed (whole lines are filtered), and output without a newline is not lost at EOF."""
+    r, w = os.pipe()
+    out = tmp_path / "out"
+    data = ("x" * 70000 + "\x1b[33mA\x1b[39m\n") * 3 + "tail \x1b[1mno newline"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            with os.fdopen(w, "wb") as f:
+                f.write(data.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with out.open("wb") as f:
+        launcher.filter_stream(r, f.fileno(), os.getppid())
+    os.waitpid(pid, 0)
+    signal_reset()
+    assert out.read_text() == ("x" * 70000 + "A\n") * 3 + "tail no newline"
+
+
+def signal_reset() -> None:
+    """filter_stream set the signals of a filter process; put this test process's back."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    launcher._on_parent_death(0)
+
+
+def test_the_filter_ends_soon_after_the_app_even_if_the_pipe_stays_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process of the app's that keeps its stdout (the pipe) and outlives it: the filter
+    gets no EOF, yet ends AFTER_APP_S after the app died, so it cannot hold the unit's stop
+    until TimeoutStopSec (it once held it 30 s, and the unit ended `failed`)."""
+    monkeypatch.setattr(launcher, "AFTER_APP_S", 0.5)
+    script = (
+        "import subprocess\n"
+        "p = subprocess.Popen(['sleep', '120'], start_new_session=True)  # keeps the pipe\n"
+        "print('bye', p.pid, flush=True)\n"
+    )
+    started = time.monotonic()
+    _, text = _through_filter_then_exec(script)  # returns when the filter has ended
+    took = time.monotonic() - started
+    word, pid = text.split()
+    os.kill(int(pid), 9)  # the sleep this test started
+    assert word == "bye", text
+    assert took < 60, took  # not at the sleep's end (120 s): a bound only a defect breaks
