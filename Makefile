@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DEB := build/aipbx-appliance_$(VERSION)_all.deb
 
-.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench bench-upgrade bench-watchdog bench-tls clean sample realapp
+.PHONY: help prereqs venv lint typecheck unit integration system test deb lintian piuparts demo bench bench-upgrade bench-bluegreen bench-watchdog bench-tls clean sample realapp realapp-frontend
 
 help:
 	@echo "make demo   build the .deb, boot Debian 12 under systemd-nspawn, install, set up"
@@ -62,8 +62,19 @@ realapp: venv
 	app=$$(tests/realapp/build-backend.sh "$$tarball" build/cache/realapp) && \
 	PYTHON=$(CURDIR)/$(VPY) tests/realapp/pack-backend.sh "$$app" $(REALAPP)
 
+# The real aiPBX frontend (../shared/realapp/aiPBX-*.tar.gz, React + webpack): built twice
+# with npm, release N and N+1 (one lazily loaded chunk changed), its prerender run by
+# Debian's chromium (cached under build/cache/realapp like the backend), then packed into
+# two frontend releases under build/realapp/frontend. The browser tests use the same chromium.
+realapp-frontend: venv
+	@tarball=$$(ls $(REALAPP_SRC)/aiPBX-*.tar.gz 2>/dev/null | head -1); \
+	if [ -z "$$tarball" ]; then echo "realapp-frontend: no aiPBX-*.tar.gz in $(REALAPP_SRC)" >&2; exit 1; fi; \
+	command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm; \
+	builds=$$(tests/realapp/build-frontend.sh "$$tarball" build/cache/realapp) && \
+	PYTHON=$(CURDIR)/$(VPY) tests/realapp/pack-frontend.sh "$$builds" $(REALAPP)/frontend
+
 SYSTEM_ENV = AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample AIPBX_REALAPP_DIR=$(CURDIR)/$(REALAPP)
-system: venv deb sample realapp
+system: venv deb sample realapp realapp-frontend
 	$(SYSTEM_ENV) $(PYTEST) tests/system -x
 
 test: lint typecheck unit integration lintian piuparts system
@@ -79,14 +90,20 @@ piuparts: deb
 	bash packaging/piuparts.sh $(DEB)
 
 # APP=real: the same demo with the real aiPBX backend (make realapp).
+# LOAD_SHARE: the shares of the sustainable rate (measured first, in the same run) that the
+# demo and bench-upgrade load; the first is the headline. Exit 1: CLAIM FAILED, 3: OVERLOADED.
 APP ?= sample
+LOAD_SHARE ?= 0.5,0.8
 demo: venv deb sample $(if $(filter real,$(APP)),realapp)
-	$(SYSTEM_ENV) APP=$(APP) $(VPY) -m bench.demo
+	$(SYSTEM_ENV) APP=$(APP) LOAD_SHARE=$(LOAD_SHARE) $(VPY) -m bench.demo
 
 bench: bench-upgrade bench-watchdog bench-backup bench-tls
 
+# The blue/green upgrade beside a no-switch baseline and a naive restart, the load sized to
+# the machine: build/bench/upgrade.json.
 bench-upgrade: venv deb sample
-	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.upgrade
+	AIPBX_DEB=$(CURDIR)/$(DEB) AIPBX_SAMPLE_DIR=$(CURDIR)/build/sample $(VPY) -m bench.upgrade --share $(LOAD_SHARE)
+bench-bluegreen: bench-upgrade
 
 # The watchdog's recovery times, crash-loop cost and footprint: build/bench/watchdog.json.
 bench-watchdog: venv deb sample

@@ -17,6 +17,11 @@ Definitions:
 - new_flows_on_new_color: fresh flows started after the switch (and before a rollback) that
   only the NEW version answered, out of new_flows_after_switch.
 - writes_lost: acknowledged ids missing from the database.
+- http_p50_ms / http_p99_ms: latency of the answered requests over the whole run (from when
+  each was due), as load.py reports it.
+
+`no_switch` gives the same figures for a baseline run (the same load, no upgrade): those
+that need a switch are None.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ class LoadRun:
     http_ok: int
     http_failed: int
     http_fail_reasons: Mapping[str, int]
+    http_p50_ms: float | None
+    http_p99_ms: float | None
     timeline: tuple[Second, ...]
     ws: tuple[WsConn, ...]
     udp_flows: tuple[UdpFlow, ...]
@@ -119,6 +126,8 @@ class Figures:
     switch_ms: float | None
     rollback_ms: float | None
     upgrade_s: float | None
+    http_p50_ms: float | None
+    http_p99_ms: float | None
     # context for the figures above
     http_fail_reasons: Mapping[str, int]
     http_fail_window_s: float | None
@@ -159,6 +168,10 @@ def _flow(f: Mapping[str, Any]) -> UdpFlow:
     )
 
 
+def _ms(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def parse_load(doc: Mapping[str, Any]) -> LoadRun:
     """load.py's JSON (already json.load-ed) as typed records; KeyError/ValueError if it is
     not one."""
@@ -171,6 +184,8 @@ def parse_load(doc: Mapping[str, Any]) -> LoadRun:
         http_ok=int(summary["http_ok"]),
         http_failed=int(summary["http_failed"]),
         http_fail_reasons={str(k): int(v) for k, v in summary["http_fail_reasons"].items()},
+        http_p50_ms=_ms(summary.get("http_p50_ms")),
+        http_p99_ms=_ms(summary.get("http_p99_ms")),
         timeline=tuple(
             Second(
                 t=int(r["t"]),
@@ -298,6 +313,8 @@ def analyze(
         switch_ms=events.switch_ms,
         rollback_ms=events.rollback_ms,
         upgrade_s=events.upgrade_s,
+        http_p50_ms=run.http_p50_ms,
+        http_p99_ms=run.http_p99_ms,
         http_fail_reasons=dict(run.http_fail_reasons),
         http_fail_window_s=None if window is None else round(window[1] - window[0], 3),
         ws_open_at_start=at_start,
@@ -308,6 +325,46 @@ def analyze(
         old_version=old,
         new_version=new,
     )
+
+
+# the figures only a switch has: None in a baseline
+SWITCH_ONLY = (
+    "udp_pinned_flows",
+    "udp_pinned_lost",
+    "new_flows_on_new_color",
+    "new_flows_after_switch",
+    "udp_flows_before_switch",
+    "switch_ms",
+    "rollback_ms",
+    "upgrade_s",
+    "new_version",
+)
+
+
+def no_switch(doc: Mapping[str, Any], db_ids: Iterable[str]) -> dict[str, Any]:
+    """The figures of a baseline run (the same load, nothing switched): failures, drops,
+    losses and latency; the figures only a switch has are None."""
+    run = parse_load(doc)
+    at_start, kept, dropped = ws_kept_dropped(run)
+    lost = lost_writes(run.writes_acked, db_ids)
+    window = http_fail_window(run)
+    fig: dict[str, Any] = {
+        "http_ok": run.http_ok,
+        "http_failed": run.http_failed,
+        "http_fail_reasons": dict(run.http_fail_reasons),
+        "http_fail_window_s": None if window is None else round(window[1] - window[0], 3),
+        "http_p50_ms": run.http_p50_ms,
+        "http_p99_ms": run.http_p99_ms,
+        "ws_open_at_start": at_start,
+        "ws_kept": kept,
+        "ws_dropped": dropped,
+        "udp_lost": sum(f.lost for f in run.udp_flows),
+        "writes_acked": len(run.writes_acked),
+        "writes_lost": len(lost),
+        "lost_write_ids": lost,
+        "old_version": http_version_between(run, None, None),
+    }
+    return fig | dict.fromkeys(SWITCH_ONLY)
 
 
 def read_ids(text: str) -> list[str]:

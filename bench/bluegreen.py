@@ -4,7 +4,12 @@ does (an in-place restart of the one live unit) under the same load, and compare
 
 Load (bench/load.py, run inside the machine): HTTP writes through nginx, WebSocket pings,
 UDP flows to port 3032. All times are epoch seconds (time.time()) in both the machine and
-here: they share the host's clock."""
+here: they share the host's clock.
+
+The load is sized to the machine (bench/sizing.py): `size` steps the same mix (no switch)
+to find the sustainable rate, and each run offers a share of it; `run_baseline` is the same
+load for the same time with no upgrade, so the switch's own cost is the difference. The
+upgrade runs under bench/cpuwatch.py, which measures its CPU."""
 
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import analyze
+from bench import analyze, cpuwatch, sizing
+from tests.system.appliance import install
 from tests.system.machine import Machine
 
 HERE = Path(__file__).resolve().parent
@@ -27,12 +33,10 @@ def prepare(m: Machine, deb: Path, sample_dir: Path) -> None:
     for f in sample_dir.glob("aipbx-sample-*.tar.gz*"):
         shutil.copy(f, m.path("/root") / f.name)
     shutil.copy(HERE / "load.py", m.path("/root") / "load.py")
-    shutil.copy(deb, m.path("/root") / deb.name)
-    m.run(
-        ["apt-get", "install", "-y", f"/root/{deb.name}"],
-        env={"DEBIAN_FRONTEND": "noninteractive"},
-        timeout=600,
-    )
+    shutil.copy(HERE / "cpuwatch.py", m.path("/root") / "cpuwatch.py")
+    # without Recommends (ffmpeg): the machine's network is private, its apt cache has
+    # only what the package depends on
+    install(m, deb)
     m.run(["aipbxctl", "setup"], timeout=300)
 
 
@@ -50,7 +54,40 @@ def step_at(out: dict[str, Any], step: str) -> float | None:
     return next((float(s["at"]) for s in out.get("steps", []) if s["step"] == step), None)
 
 
-def start_load(m: Machine, name: str, duration: float, http_rps: float) -> str:
+def aipbxctl_watched(
+    m: Machine, unit: str, *args: str, timeout: float = 900
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """aipbxctl under bench/cpuwatch.py: (its JSON output, the CPU report), `unit` (the
+    color it starts) sampled beside it."""
+    cpu_out = "/root/cpu-aipbxctl.json"
+    m.run(["rm", "-f", cpu_out])
+    argv = ["python3", "/root/cpuwatch.py", "run", "--out", cpu_out, "--unit", unit, "--"]
+    r = m.run([*argv, "aipbxctl", *args, "--yes", "--json"], check=False, timeout=timeout)
+    try:
+        out: dict[str, Any] = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        out = {"ok": False, "error": r.stderr.strip()}
+    out["exit_code"] = r.returncode
+    p = m.path(cpu_out)
+    cpu: dict[str, Any] = json.loads(p.read_text()) if p.exists() else {}
+    return out, cpu
+
+
+def cpu_snapshot(m: Machine) -> dict[str, Any]:
+    snap: dict[str, Any] = json.loads(m.run(["python3", "/root/cpuwatch.py", "snapshot"]).stdout)
+    return snap
+
+
+def start_load(
+    m: Machine,
+    name: str,
+    duration: float,
+    http_rps: float,
+    *,
+    new_flow_every: float = 5,
+    warmup_s: float = 0,
+    http_timeout: float = 5,
+) -> str:
     out = f"/root/{name}.json"
     m.run(["rm", "-f", out])
     m.run(
@@ -81,7 +118,11 @@ def start_load(m: Machine, name: str, duration: float, http_rps: float) -> str:
             "--udp-size",
             "172",
             "--new-udp-flow-every",
-            "5",
+            str(new_flow_every),
+            "--warmup-s",
+            str(warmup_s),
+            "--http-timeout",
+            str(http_timeout),
             "--duration",
             str(duration),
             "--out",
@@ -127,36 +168,91 @@ def live_color(m: Machine) -> str | None:
     return str(color) if color else None
 
 
+def wait_one_color(m: Machine, timeout: float = 120) -> None:
+    """Until only the live color runs (an earlier run's drain has stopped the other)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = live_color(m) or "blue"
+        other = "green" if live == "blue" else "blue"
+        r = m.run(["systemctl", "is-active", f"aipbx-backend@{other}.service"], check=False)
+        if r.stdout.strip() != "active":
+            return
+        time.sleep(1)
+
+
+def size(
+    m: Machine,
+    bound: sizing.Bound = sizing.BOUND,
+    plan: sizing.Plan = sizing.PLAN,
+    log: Any = print,
+) -> sizing.Sizing:
+    """The sustainable write rate with the run's own mix (50 WebSockets, 20 UDP flows), no
+    switch: a step per rate as bench/sizing.py decides."""
+    wait_one_color(m)
+    count = iter(range(1000))
+
+    def step(rate: float) -> sizing.StepResult:
+        seconds = plan.warmup_s + plan.step_s
+        path = start_load(
+            m,
+            f"size-{next(count)}",
+            seconds,
+            rate,
+            new_flow_every=0,
+            warmup_s=plan.warmup_s,
+            http_timeout=2,
+        )
+        result = sizing.step_from_load(wait_file(m, path, seconds + 60), rate, plan.step_s)
+        if not sizing.held(result, bound):
+            time.sleep(3)  # what the server still queues drains before the next step
+        return result
+
+    return sizing.search(step, bound, plan, log)
+
+
+def run_baseline(m: Machine, duration: float, http_rps: float) -> dict[str, Any]:
+    """The same load as run_bluegreen, for as long, with no upgrade: what the box does
+    without a switch."""
+    wait_one_color(m)
+    doc_path = start_load(m, "baseline", duration, http_rps)
+    doc = wait_file(m, doc_path, duration + 120)
+    return {"figures": analyze.no_switch(doc, db_ids(m)), "doc": doc, "events": []}
+
+
 def run_bluegreen(m: Machine, duration: float, http_rps: float) -> dict[str, Any]:
     """v1 live; under load: upgrade to v2, later an instant rollback to v1 (while v1 still
-    drains, as an operator would on a bad release)."""
+    drains, as an operator would on a bad release). The upgrade's CPU is measured."""
+    wait_one_color(m)
+    new_color = "green" if live_color(m) == "blue" else "blue"
+    before = cpu_snapshot(m)
     t0 = time.time()
     doc_path = start_load(m, "bluegreen", duration, http_rps)
     time.sleep(min(10.0, duration * 0.15))
     results: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, Any] = {}
 
-    def run(key: str, *args: str) -> None:
-        results[key] = aipbxctl(m, *args)
-
-    up = threading.Thread(
-        target=run,
-        args=(
-            "upgrade",
+    def run_upgrade() -> None:
+        results["upgrade"], doc = aipbxctl_watched(
+            m,
+            f"aipbx-backend@{new_color}.service",
             "upgrade",
             "/root/aipbx-sample-2.0.0.tar.gz",
             "--probation",
             "5",
             "--drain",
             str(int(duration * 3)),
-        ),
-    )
+        )
+        cpu.update(doc)
+
+    up = threading.Thread(target=run_upgrade)
     up.start()
     deadline = time.monotonic() + 120
-    while live_color(m) != "green" and time.monotonic() < deadline:
+    while live_color(m) != new_color and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(max(0.0, t0 + duration * 0.6 - time.time()))
-    run("rollback", "rollback", "--drain", "30")
+    results["rollback"] = aipbxctl(m, "rollback", "--drain", "30")
     doc = wait_file(m, doc_path, duration + 120)
+    after = cpu_snapshot(m)
     up.join(600)
     upgrade, rollback = results.get("upgrade", {}), results["rollback"]
     switch_at = step_at(upgrade, "switch")
@@ -173,6 +269,11 @@ def run_bluegreen(m: Machine, duration: float, http_rps: float) -> dict[str, Any
     fig["upgrade_exit_code"] = upgrade.get("exit_code")
     fig["rollback_instant"] = rollback.get("instant")
     fig["rollback_exit_code"] = rollback.get("exit_code")
+    fig.update(
+        upgrade_cpu(
+            cpu, upgrade.get("steps", []), f"aipbx-backend@{new_color}.service", before, after
+        )
+    )
     return {
         "figures": fig,
         "doc": doc,
@@ -187,17 +288,30 @@ def run_bluegreen(m: Machine, duration: float, http_rps: float) -> dict[str, Any
     }
 
 
+def upgrade_cpu(
+    cpu: dict[str, Any],
+    steps: list[dict[str, Any]],
+    unit: str,
+    before: dict[str, Any],
+    after: dict[str, Any],
+) -> dict[str, Any]:
+    """Pure: the figures' upgrade_cpu_* keys and the whole account under `upgrade_cpu`."""
+    if not cpu.get("samples") and "cpu_user_s" not in cpu:
+        return {"upgrade_cpu_s": None, "upgrade_cpu_pct": None, "upgrade_cpu": None}
+    cost = cpuwatch.upgrade_cost(cpu, steps, unit)
+    win = cpuwatch.window(before, after)
+    share = cpuwatch.share_of_run(cost, win)
+    return {
+        "upgrade_cpu_s": share["upgrade_cpu_s"],
+        "upgrade_cpu_pct": share["share_of_capacity_pct"],
+        "upgrade_cpu": {**cost, "run": win, **share},
+    }
+
+
 def run_naive(m: Machine, duration: float, http_rps: float) -> dict[str, Any]:
     """What `docker compose up --force-recreate` does to the one live backend: restart it in
     place, under the same load."""
-    # wait for the rollback's drain to stop green, so only blue runs
-    deadline = time.monotonic() + 120
-    while (
-        m.run(["systemctl", "is-active", "aipbx-backend@green.service"], check=False).stdout.strip()
-        == "active"
-        and time.monotonic() < deadline
-    ):
-        time.sleep(1)
+    wait_one_color(m)  # the rollback's drain has stopped the other color
     doc_path = start_load(m, "naive", duration, http_rps)
     time.sleep(min(10.0, duration * 0.25))
     color = live_color(m) or "blue"
@@ -227,29 +341,3 @@ def deploy_first(m: Machine) -> dict[str, Any]:
     if not out.get("ok"):
         raise RuntimeError(f"deploying v1 failed: {out}")
     return out
-
-
-def report(
-    out_dir: Path, bg: dict[str, Any], naive: dict[str, Any], params: dict[str, Any]
-) -> dict[str, Any]:
-    """Write <out_dir>/upgrade.json and the timeline PNGs; return the report."""
-    from bench import timeline
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {**bg["figures"], "naive_restart": naive["figures"], "load": params}
-    (out_dir / "upgrade.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    (out_dir / "load-bluegreen.json").write_text(json.dumps(bg["doc"]))
-    (out_dir / "load-naive.json").write_text(json.dumps(naive["doc"]))
-    timeline.render_timeline(
-        bg["doc"],
-        bg["events"],
-        out_dir / "upgrade-timeline.png",
-        title="blue/green upgrade and rollback under load",
-    )
-    timeline.render_timeline(
-        naive["doc"],
-        naive["events"],
-        out_dir / "naive-timeline.png",
-        title="naive in-place restart under load",
-    )
-    return doc

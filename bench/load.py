@@ -25,7 +25,8 @@ The report (--out, JSON, schema "aipbx-bench-load/1"):
   started_at, stopped_at, ended_at (epoch s), stop_cause (duration|stop-file|signal|error),
   config (the arguments), runtime (python, aiohttp, loop, cpus),
   summary: http_sent/ok/failed, http_fail_reasons {reason: n}, http_retries, http_versions,
-    http_sent_rps, http_ok_rps, http_p50_ms, http_p99_ms, http_max_sched_lag_ms,
+    http_sent_rps, http_ok_rps, http_p50_ms, http_p99_ms, http_p50_ms_after_warmup,
+    http_p99_ms_after_warmup (requests due from --warmup-s on), http_max_sched_lag_ms,
     ws_connections, ws_drops, ws_connect_failures {reason: n}, ws_pongs, udp_sent, udp_recv,
     udp_lost, udp_sent_pps, udp_new_flows, cpu_user_s, cpu_system_s, cpu_pct (of one core),
     max_rss_kb
@@ -682,6 +683,9 @@ def report(
     udp_sent = sum(f.sent for f in udp.flows)
     udp_recv = sum(f.received for f in udp.flows)
     p50, p99 = percentile(all_lat, 50), percentile(all_lat, 99)
+    warm = int(math.ceil(float(args.warmup_s)))
+    steady = sorted(x for s in tl.seconds[warm:] for x in s.http_latencies)
+    p50w, p99w = percentile(steady, 50), percentile(steady, 99)
     cpu_s = cpu[0] + cpu[1]
     summary = {
         "elapsed_s": round(stopped, 3),
@@ -696,6 +700,8 @@ def report(
         "http_ok_rps": round(ok / stopped, 1) if stopped else 0.0,
         "http_p50_ms": None if p50 is None else round(p50 * 1000, 2),
         "http_p99_ms": None if p99 is None else round(p99 * 1000, 2),
+        "http_p50_ms_after_warmup": None if p50w is None else round(p50w * 1000, 2),
+        "http_p99_ms_after_warmup": None if p99w is None else round(p99w * 1000, 2),
         "http_max_sched_lag_ms": round(http.max_lag * 1000, 2),
         "ws_connections": len(ws.conns),
         "ws_drops": sum(1 for c in ws.conns if c.close_reason not in (None, "end")),
@@ -833,11 +839,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--udp-late-window", type=float, default=1.0, help="seconds")
     p.add_argument("--new-udp-flow-every", type=float, default=0, help="seconds (0: none)")
     p.add_argument("--duration", type=float, default=120, help="seconds, at most")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=0,
+        help="whole seconds at the start left out of the *_after_warmup latencies",
+    )
     p.add_argument("--stop-file", default="", help="stop early once this file exists")
     p.add_argument("--out", required=True, help="the JSON report")
     args = p.parse_args(argv)
     if not 0 < args.duration <= 24 * 3600:
         p.error("--duration: 0 < seconds <= 86400")
+    if not 0 <= args.warmup_s < args.duration:
+        p.error("--warmup-s: 0 <= seconds < --duration")
     if args.http_rps < 0 or args.http_rps > 100_000:
         p.error("--http-rps: 0..100000")
     if args.stop_file and Path(args.stop_file).exists():

@@ -9,27 +9,41 @@ keys of bench/analyze.Figures; the ones the real app cannot show are None:
 - udp_pinned_lost: the app ignores RTP from a source it does not know (no reply), so
   packets delivered cannot be counted; udp_pinned_flows counts the flows conntrack kept on
   the old color in every sample from the switch to the rollback;
-- writes_acked / writes_lost: the app has no unauthenticated write route to count."""
+- writes_acked / writes_lost: the app has no unauthenticated write route to count.
+
+The load is sized to the machine like the sample's (bench/sizing.py, bench/shares.py): `size`
+steps the run's HTTP GETs and RTP flows without the Socket.IO clients: realapp_load's p99
+covers a whole step, and 50 clients connecting at once (Nest's handshakes) put it over 1 s
+at any rate, even 1.2 GET/s, so with them the steps would measure the connecting, not the
+rate. The runs' p99 includes that connecting (a note says so when it is over the bound).
+`run_baseline` is the run's load with no upgrade; the upgrade's CPU is measured
+(bench/cpuwatch.py)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import analyze, bluegreen, sizing
 from tests.system import realapp
 from tests.system.appliance import aipbxctl_json, install, wait_until
 from tests.system.machine import Machine
 
+HERE = Path(__file__).resolve().parent
 PIN_GRACE_S = 1.0
+# the real app is slower to answer than the sample: start lower
+PLAN = sizing.Plan(start=10.0, max_rate=1280.0, min_rate=1.0, step_s=6.0, warmup_s=0.0)
 SIO = 50
 UDP_FLOWS = 20
 
 
 def prepare(m: Machine, deb: Path, app: Mapping[str, Any]) -> None:
     realapp.copy_in(m, dict(app))
+    shutil.copy(HERE / "cpuwatch.py", m.path("/root") / "cpuwatch.py")
     install(m, deb)
     m.run(["aipbxctl", "setup"], timeout=300)
     m.run(["aipbxctl", "env", "set", *(f"{k}={v}" for k, v in realapp.APP_ENV.items())])
@@ -120,6 +134,7 @@ def figures(
         "http_failed": http["failed"],
         "http_fail_reasons": http["fail_reasons"],
         "http_statuses": http["statuses"],
+        "http_p50_ms": http.get("p50_ms"),
         "http_p99_ms": http["p99_ms"],
         "ws_open_at_start": len(early),
         "ws_kept": sum(1 for c in early if not any(e[1] == "disconnect" for e in c["events"])),
@@ -139,15 +154,19 @@ def figures(
 def run_bluegreen(
     m: Machine, app: Mapping[str, Any], duration: float, http_rps: float
 ) -> dict[str, Any]:
-    """v1 live; under load: upgrade to v2, then an instant rollback while v1 still drains."""
+    """v1 live; under load: upgrade to v2, then an instant rollback while v1 still drains.
+    The upgrade's CPU is measured."""
+    wait_other_stopped(m)
+    before = bluegreen.cpu_snapshot(m)
     t0 = time.time()
     realapp.start_load(
         m, "bluegreen", duration + 120, sio=SIO, http_rps=http_rps, udp_flows=UDP_FLOWS
     )
     with Sampler(m) as sampler:
         time.sleep(min(10.0, duration * 0.15))
-        t, up = realapp.upgrade_in_thread(
+        t, up = upgrade_watched(
             m,
+            "aipbx-backend@green.service",
             "upgrade",
             realapp.artifact(app["v2"]),
             "--probation",
@@ -168,6 +187,7 @@ def run_bluegreen(
         rollback_at = time.time()
         time.sleep(max(0.0, t0 + duration - time.time()))
         doc = realapp.stop_load(m, "bluegreen")
+    after = bluegreen.cpu_snapshot(m)
     t.join(900)
     rt.join(900)
     rb_code, rb = back.get("code"), back.get("out", {})
@@ -192,13 +212,33 @@ def run_bluegreen(
         old_version=app["v1"],
         new_version=app["v2"],
     )
+    fig.update(
+        bluegreen.upgrade_cpu(
+            up.get("cpu", {}),
+            upgrade.get("steps", []),
+            "aipbx-backend@green.service",
+            before,
+            after,
+        )
+    )
     return {"figures": fig, "doc": doc}
 
 
-def run_naive(
-    m: Machine, app: Mapping[str, Any], duration: float, http_rps: float
-) -> dict[str, Any]:
-    """What `docker compose up --force-recreate` does: restart the one live unit in place."""
+def upgrade_watched(m: Machine, unit: str, *args: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """aipbxctl under bench/cpuwatch.py in a thread: {"code", "out", "cpu"} once it ends."""
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        out, cpu = bluegreen.aipbxctl_watched(m, unit, *args)
+        result.update(code=out.get("exit_code"), out=out, cpu=cpu)
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, result
+
+
+def wait_other_stopped(m: Machine) -> None:
+    """Until green is stopped (blue is live in these runs: the rollback's drain is over)."""
     wait_until(
         lambda: m.run(
             ["systemctl", "is-active", "aipbx-backend@green.service"], check=False
@@ -207,6 +247,70 @@ def run_naive(
         300,
         "the rollback's drain to stop green",
     )
+
+
+def size(
+    m: Machine,
+    bound: sizing.Bound = sizing.BOUND,
+    plan: sizing.Plan = PLAN,
+    log: Any = print,
+) -> sizing.Sizing:
+    """The sustainable GET rate: steps of the run's HTTP GETs and RTP flows, no switch (the
+    Socket.IO clients left out: see the module doc)."""
+    wait_other_stopped(m)
+    count = iter(range(1000))
+
+    def step(rate: float) -> sizing.StepResult:
+        name = f"size-{next(count)}"
+        seconds = plan.warmup_s + plan.step_s
+        realapp.start_load(m, name, seconds + 60, sio=0, http_rps=rate, udp_flows=UDP_FLOWS)
+        time.sleep(seconds)
+        result = sizing.step_from_realapp(realapp.stop_load(m, name), rate, seconds)
+        if not sizing.held(result, bound):
+            time.sleep(3)  # what the app still queues drains before the next step
+        return result
+
+    return sizing.search(step, bound, plan, log)
+
+
+def baseline_figures(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Pure: the figures of a run with no switch (those only a switch has are None)."""
+    fig = figures(
+        doc,
+        [],
+        old="blue",
+        new="blue",
+        switch_at=float(doc["stopped_at"]),
+        rollback_at=None,
+    )
+    fig.update(dict.fromkeys(analyze.SWITCH_ONLY))
+    fig["old_version"] = None
+    return fig
+
+
+def run_baseline(
+    m: Machine, app: Mapping[str, Any], duration: float, http_rps: float
+) -> dict[str, Any]:
+    """The blue/green run's load (late clients and flows included) for as long, with no
+    upgrade."""
+    wait_other_stopped(m)
+    realapp.start_load(
+        m, "baseline", duration + 120, sio=SIO, http_rps=http_rps, udp_flows=UDP_FLOWS
+    )
+    time.sleep(duration * 0.4)
+    m.run(["touch", "/root/load-more"])  # when the blue/green run's switch would come
+    time.sleep(duration * 0.6)
+    doc = realapp.stop_load(m, "baseline")
+    fig = baseline_figures(doc)
+    fig["old_version"] = app["v1"]
+    return {"figures": fig, "doc": doc}
+
+
+def run_naive(
+    m: Machine, app: Mapping[str, Any], duration: float, http_rps: float
+) -> dict[str, Any]:
+    """What `docker compose up --force-recreate` does: restart the one live unit in place."""
+    wait_other_stopped(m)
     color = realapp.live_color(m) or "blue"
     realapp.start_load(m, "naive", duration + 120, sio=SIO, http_rps=http_rps, udp_flows=UDP_FLOWS)
     with Sampler(m) as sampler:

@@ -20,6 +20,8 @@ from typing import Any
 FIGURES = (
     "http_ok",
     "http_failed",
+    "http_p50_ms",
+    "http_p99_ms",
     "ws_kept",
     "ws_dropped",
     "udp_pinned_flows",
@@ -39,6 +41,8 @@ CONTEXT = (
     "udp_lost",
     "old_version",
     "new_version",
+    "upgrade_cpu_s",
+    "upgrade_cpu_pct",
 )
 
 

@@ -19,6 +19,8 @@ it with random serials.
 - renewal: an HTTP/1.1 keep-alive HTTPS load, --connections persistent connections and
   --rate POSTs a second (open loop: a request is due at its time whatever the previous ones
   did; an idle connection takes it), a small JSON body each, nginx answering `return 200`.
+  Without --rate, the rate is --share (0.5) of the sustainable rate, measured first with
+  the same load and no renewal (bench/tls_rate.py: p99 <= 250 ms, nothing failed).
   The client is asyncio streams with a hand-written HTTP/1.1 exchange: it reuses a
   connection until the server closes it (a connection seen closed while idle is replaced
   before sending, as any client does), and never retries a failed request. During
@@ -735,13 +737,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="s_time rounds of each path")
     p.add_argument("--seconds", type=int, default=2, help="seconds of each s_time run")
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections")
-    p.add_argument("--rate", type=float, default=500, help="requests a second, open loop")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="requests a second, open loop (default: --share of the sustainable rate)",
+    )
+    p.add_argument(
+        "--share", type=float, default=0.5, help="of the sustainable rate, measured first"
+    )
     p.add_argument("--duration", type=float, default=30, help="seconds of load in each mode")
     p.add_argument("--renewals", type=int, default=5, help="renewals during the load")
     p.add_argument("--workers", default="auto", help="worker_processes in the renewal runs")
     p.add_argument("--skip-handshakes", action="store_true")
     p.add_argument("--out", type=Path, default=TOP / "build" / "bench")
     args = p.parse_args(argv)
+    if not 0 < args.share <= 1:
+        p.error("--share: a fraction in (0, 1]")
     if os.geteuid() != 0:
         print(
             "bench: run as root (the private nginx runs its workers as www-data)", file=sys.stderr
@@ -766,6 +778,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"handshakes: {args.rounds} rounds of {args.seconds} s, worker_processes 1")
         doc["handshakes"] = handshakes(root, pki, gid, args.rounds, args.seconds)
     key = pki.key("ec")  # certbot 2.x's default key, kept across renewals in swap mode
+    if args.rate is None:
+        from bench import sizing, tls_rate
+
+        found = tls_rate.size(root, pki, key, gid, args)
+        doc["sizing"] = found.as_dict()
+        log(found.describe("req/s"))
+        if found.sustainable <= 0:
+            print("OVERLOADED: no rate held the bound; nothing measured", file=sys.stderr)
+            return 3
+        args.rate = sizing.rate_for(found.sustainable, args.share)
+        doc["params"].update(rate=args.rate, share=args.share)
+        log(f"renewal runs at {args.rate:g} req/s, {sizing.pct(args.share)} of that")
     doc["renewal"] = {mode: renewal(mode, root, pki, key, gid, args) for mode in ("reload", "swap")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tls.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

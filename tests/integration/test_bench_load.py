@@ -1,7 +1,8 @@
 """bench/load.py against the real sample backend (gunicorn + aiohttp, PostgreSQL behind
 PgBouncer) on loopback: a clean run must see every request, WebSocket and UDP packet answered
 and every acknowledged write in the database; a run during which the backend is SIGKILLed
-must see the failures. Then the analysis and the timeline PNG from that run."""
+must see the failures. Then the analysis and the timeline PNG from that run, and the
+sizing steps (bench/sizing.py) run with load.py as the demo runs them."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from appliance.config import Database
+from bench import sizing
 from bench.analyze import Events, analyze, parse_load
 from bench.timeline import render_timeline
 from tests.integration.procs import stop
@@ -157,3 +160,35 @@ def test_sigkill_mid_run_is_seen(backend: tuple[Path, Database], tmp_path: Path)
     width, height = struct.unpack("!II", data[16:24])
     assert (width, height) == (1200, 1000)
     assert 20_000 < len(data) < 2_000_000
+
+
+def test_sizing_steps_run_load_py_with_a_warmup(
+    backend: tuple[Path, Database], tmp_path: Path
+) -> None:
+    """bench/sizing.search driving load.py as the demo does (a step per rate, latency after
+    the warm-up): the steps ramp up, each offers its rate in full and is read back."""
+    release_dir, db = backend
+    sample = start_sample(release_dir, db, {})
+    plan = sizing.Plan(start=20, factor=2, max_steps=2, step_s=2, warmup_s=1)
+    docs: list[dict[str, Any]] = []
+
+    def step(rate: float) -> sizing.StepResult:
+        out = tmp_path / f"step-{len(docs)}.json"
+        argv = [PYTHON, str(LOAD), f"--base-url=http://127.0.0.1:{sample.port}", "--ws=0"]
+        argv += [f"--http-rps={rate}", f"--duration={plan.warmup_s + plan.step_s}"]
+        argv += [f"--warmup-s={plan.warmup_s}", f"--out={out}"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        finish(proc)
+        docs.append(json.loads(out.read_text()))
+        return sizing.step_from_load(docs[-1], rate, plan.step_s)
+
+    try:
+        found = sizing.search(step, sizing.Bound(p99_ms=60_000), plan)
+    finally:
+        stop(sample.proc)
+    assert [s.rate for s in found.steps] == [20, 40]
+    for s, doc in zip(found.steps, docs, strict=True):
+        summary = doc["summary"]
+        assert abs(s.sent - s.rate * 3) <= 2 and s.failed == 0, summary
+        assert s.p99_ms == summary["http_p99_ms_after_warmup"] is not None
+    assert found.sustainable == 40  # a bound nothing on loopback breaks

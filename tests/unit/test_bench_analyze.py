@@ -106,6 +106,8 @@ def make_doc() -> dict[str, Any]:
             "http_ok": ok,
             "http_failed": 1,
             "http_fail_reasons": {"ClientConnectorError": 1},
+            "http_p50_ms": 2.0,
+            "http_p99_ms": 9.5,
         },
         "timeline": timeline,
         "ws_connections": [
@@ -191,6 +193,30 @@ def test_without_a_rollback_new_flows_count_to_the_end() -> None:
     assert (f.new_flows_on_new_color, f.new_flows_after_switch) == (2, 4)
 
 
+def test_latency_is_reported() -> None:
+    f = an.analyze(make_doc(), ["a", "b"], EVENTS)
+    assert (f.http_p50_ms, f.http_p99_ms) == (2.0, 9.5)
+
+
+def test_no_switch_figures_of_a_baseline() -> None:
+    fig = an.no_switch(make_doc(), ["a"])
+    assert (fig["http_ok"], fig["http_failed"], fig["http_p99_ms"]) == (300, 1, 9.5)
+    assert (fig["ws_open_at_start"], fig["ws_kept"], fig["ws_dropped"]) == (3, 2, 1)
+    assert (fig["writes_acked"], fig["writes_lost"], fig["lost_write_ids"]) == (2, 1, ["b"])
+    assert fig["udp_lost"] == 10 + 20 + 980
+    # what only a switch has is not made up
+    for key in an.SWITCH_ONLY:
+        assert fig[key] is None
+    # the table shows them as "-" beside a blue/green column
+    bg = an.analyze(make_doc(), ["a", "b"], EVENTS).as_dict()
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in render_table({"baseline": fig, "bg": bg}).splitlines()[2:]
+    }
+    assert rows["udp_pinned_flows"] == ["-", "1"]
+    assert rows["http_p99_ms"] == ["9.5", "9.5"]
+
+
 def test_not_a_load_report() -> None:
     with pytest.raises(ValueError, match="not a load report"):
         an.parse_load({"schema": "something else"})
@@ -218,9 +244,11 @@ def test_render_table_side_by_side() -> None:
     assert rows["new_flows_on_new_color"] == ["2/3", "0/3"]
     assert rows["switch_ms"] == ["42.0", "-"]
     assert rows["old_version"] == [OLD, OLD]
-    assert list(rows)[:12] == [
+    assert list(rows)[:14] == [
         "http_ok",
         "http_failed",
+        "http_p50_ms",
+        "http_p99_ms",
         "ws_kept",
         "ws_dropped",
         "udp_pinned_flows",
