@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from appliance.colors import Color, color_net
 from appliance.config import Config
-from appliance.errors import CommandError
+from appliance.errors import AipbxError, CommandError
 from appliance.run import run
 
 log = logging.getLogger("aipbx.drain")
@@ -26,42 +26,44 @@ class Usage:
         return self.ws == 0 and self.udp_flows == 0
 
 
-def count_lines(text: str) -> int:
-    return sum(1 for line in text.splitlines() if line.strip())
+class UsageUnknown(AipbxError):
+    """conntrack could not say what uses a color: never read as idle (a color that still
+    carries calls must not be stopped because a command failed)."""
+
+
+def count_usage(text: str, ws_port: int, udp_port: int) -> Usage:
+    """Pure: from `conntrack -L --reply-src ADDR` output, the established TCP connections
+    answered from `ws_port` (nginx's WebSockets to the color) and the UDP flows answered
+    from `udp_port` (calls). The reply tuple is the second src=/sport= of a line."""
+    ws = udp = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        sports = [f[6:] for f in fields if f.startswith("sport=")]
+        if len(sports) < 2:
+            continue
+        reply_sport = sports[1]
+        if fields[0] == "tcp" and "ESTABLISHED" in fields and reply_sport == str(ws_port):
+            ws += 1
+        elif fields[0] == "udp" and reply_sport == str(udp_port):
+            udp += 1
+    return Usage(ws=ws, udp_flows=udp)
 
 
 def usage(cfg: Config, color: Color) -> Usage:
+    """What still uses `color`, from one conntrack dump of the entries it answers (nginx
+    connects to the live-color address; conntrack knows which color answered). Raises
+    UsageUnknown when conntrack fails."""
     addr = color_net(cfg.network.subnet, color).ns_addr
-    # nginx connects to the live-color address; conntrack knows which color answered.
-    ws = run(
-        [
-            "conntrack",
-            "-L",
-            "-p",
-            "tcp",
-            "--state",
-            "ESTABLISHED",
-            "--reply-src",
-            addr,
-            "--reply-port-src",
-            str(cfg.backend.ws_port),
-        ],
-        check=False,
-    ).stdout
-    flows = run(
-        [
-            "conntrack",
-            "-L",
-            "-p",
-            "udp",
-            "--reply-src",
-            addr,
-            "--reply-port-src",
-            str(cfg.backend.udp_port),
-        ],
-        check=False,
-    ).stdout
-    return Usage(ws=count_lines(ws), udp_flows=count_lines(flows))
+    try:
+        proc = run(["conntrack", "-L", "--reply-src", addr], check=False, timeout=30)
+    except CommandError as e:
+        raise UsageUnknown(f"cannot tell what still uses {color}: {e.message}") from None
+    if proc.returncode != 0:
+        said = (proc.stderr.strip() or f"exit {proc.returncode}").splitlines()[-1]
+        raise UsageUnknown(f"cannot tell what still uses {color}: conntrack: {said}")
+    return count_usage(proc.stdout, cfg.backend.ws_port, cfg.backend.udp_port)
 
 
 def forget_argvs(cfg: Config, color: Color) -> list[list[str]]:

@@ -248,6 +248,7 @@ def drain_and_stop(ctx: Ctx, color: Color, drain_s: float) -> str:
     if st.draining is None or st.draining.color != color:
         st = ctx.save(st.with_(draining=state.Draining(color, in_seconds(ctx.clock(), drain_s))))
     reported = ctx.clock().boottime
+    unknown_said = False
     while True:
         st = ctx.load()
         if st.draining is None or st.draining.color != color:
@@ -256,27 +257,33 @@ def drain_and_stop(ctx: Ctx, color: Color, drain_s: float) -> str:
                 return "rolled-back"
             ctx.tl.step(Step.DRAIN, f"the drain of {color} was ended by another aipbxctl")
             return "stopped"
-        use = drain_mod.usage(ctx.cfg, color)
+        try:
+            use: drain_mod.Usage | None = drain_mod.usage(ctx.cfg, color)
+        except drain_mod.UsageUnknown as e:  # never read as idle: wait to the deadline
+            if not unknown_said:
+                log.warning("%s; the drain of %s waits for its deadline", e.message, color)
+                unknown_said = True
+            use = None
         now = ctx.clock()
-        d = resume.drain(st.draining, st.live_color, now, idle=use.idle)
+        d = resume.drain(st.draining, st.live_color, now, idle=use.idle if use else False)
         if d.act is Act.LIVE_AGAIN:
             ctx.tl.step(Step.DRAIN, f"{color} is live again (rolled back): not stopped")
             return "rolled-back"
+        what = (
+            f"{use.ws} WebSocket(s) and {use.udp_flows} call flow(s)"
+            if use
+            else "connections conntrack cannot count"
+        )
         if d.act is Act.STOP_OLD:
-            if use.idle:
+            if use is not None and use.idle:
                 ctx.tl.step(Step.DRAIN, f"{color} drained")
             else:
-                ctx.tl.step(
-                    Step.DRAIN,
-                    f"{d.why}: {use.ws} WebSocket(s) and {use.udp_flows} "
-                    f"call flow(s) still on {color} are cut",
-                )
+                ctx.tl.step(Step.DRAIN, f"{d.why}: {what} still on {color} are cut")
             break
         if now.boottime - reported >= 10:
             ctx.tl.step(
                 Step.DRAIN,
-                f"{color} still has {use.ws} WebSocket(s) and {use.udp_flows} call flow(s); "
-                f"waiting up to {st.draining.until.left(now):.0f}s",
+                f"{color} still has {what}; waiting up to {st.draining.until.left(now):.0f}s",
             )
             reported = now.boottime
         ctx.sleep(d.wait_s)

@@ -69,7 +69,13 @@ def _free_idle_color(ctx: Ctx, st: state.State) -> Color:
     may be stopped only when nothing uses it any more."""
     idle = st.live_color.other if st.live_color else Color.BLUE
     if ctx.services.is_active(unit(idle)):
-        use = drain_mod.usage(ctx.cfg, idle)
+        try:
+            use = drain_mod.usage(ctx.cfg, idle)
+        except drain_mod.UsageUnknown as e:
+            raise AipbxError(
+                f"{e.message}: {idle} may still carry calls of the previous release",
+                hint="check `conntrack -L` works, or wait for the drain's deadline",
+            ) from None
         if not use.idle:
             raise UsageError(
                 f"{idle} still serves {use.ws} WebSocket connection(s) and {use.udp_flows} "
