@@ -276,7 +276,7 @@ def test_issue_serves_a_chain_from_pebble(machine: Machine) -> None:
             f"https://{DOMAIN}/api/",
         ]
     ).stdout.lower()
-    assert "strict-transport-security: max-age=63072000; includesubdomains\r\n" in head, head
+    assert "strict-transport-security: max-age=63072000; includesubdomains\n" in head, head
     say(
         f"issued serial {now['serial']} by {intermediate} in {took:.1f} s "
         f"(certbot part {done['seconds']} s)"
