@@ -199,8 +199,8 @@ def test_tls_site_headers(machine: Machine) -> None:
             "http://127.0.0.1/x",
         ]
     ).stdout
-    # the address the client connected to, never the Host header it sent
-    assert redirect == "301 https://127.0.0.1/x"
+    # the configured domain (setup ran with --domain above), never the Host header sent
+    assert redirect == "301 https://pbx.example.test/x"
     # no port tells nginx's version
     for url in ("http://127.0.0.1/x", "https://127.0.0.1/x", "http://127.0.0.1:5005/x"):
         head = machine.run(["curl", "-sk", "-o", "/dev/null", "-D", "-", url]).stdout
