@@ -1,17 +1,23 @@
 """Check and unpack a release artifact into an immutable release directory.
 
 `unpack` streams the tar.gz member by member into `releases/.unpack-<random>` — nothing whole in
-memory, nothing written through a symlink — then renames it to `releases/<name>-<version>`.
-Anything unsafe is refused with a UsageError and leaves nothing under releases/. Every read
-is bounded (appliance.release.archive: header sizes, gzip's CRC; here: members, bytes,
-path depth and length), and the sha256 of the bytes unpacked is compared with the one
-verified, so a file changed after its check is refused. The release records the sha256 of
-the artifact it came from (RECORD_NAME), so that another artifact with the same name and
-version is told apart (appliance.releases.install)."""
+memory, nothing written through a symlink (appliance.release.tree) — then renames it to
+`releases/<name>-<version>`. Anything unsafe is refused with a UsageError and leaves nothing
+under releases/. Every read is bounded (appliance.release.archive: header sizes, gzip's CRC;
+here: members, bytes, path depth and length), and the sha256 of the bytes unpacked is
+compared with the one verified, so a file changed after its check is refused. The release
+records the sha256 of the artifact it came from (RECORD_NAME), so that another artifact
+with the same name and version is told apart (appliance.releases.install).
+
+Before the rename the release's file system is written out with syncfs(2): a power cut
+leaves the old name or the whole release, never a half one. Not sync(2), which writes out
+every file system on the host (PostgreSQL's among them) and waits for all of them; not an
+fsync per file and directory, which took 3 times the wall time and twice the CPU of the
+whole unpack on the real backend (55,500 entries) for the same guarantee."""
 
 from __future__ import annotations
 
-import errno
+import ctypes
 import json
 import os
 import stat
@@ -19,7 +25,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from appliance.errors import AipbxError, UsageError
 from appliance.fsutil import fsync_dir
@@ -31,9 +37,9 @@ from appliance.release.manifest import (
     link_stays_inside,
     parse_manifest,
 )
-from appliance.safefs import remove_tree
+from appliance.release.tree import Tree
+from appliance.safefs import DIR_FLAGS, remove_tree
 
-CHUNK = 1024 * 1024
 REBUILD_HINT = archive.REBUILD_HINT
 MAX_DEPTH = 64  # path components of a member (the real backend's deepest: 11)
 MAX_NAME = 4095  # bytes of a member's path (PATH_MAX less the NUL)
@@ -65,11 +71,6 @@ def member_parts(name: str) -> tuple[str, ...]:
     return parts
 
 
-def release_mode(mode: int) -> int:
-    """Files in a release are readable by the service user; executables stay executable."""
-    return 0o755 if mode & 0o111 else 0o644
-
-
 def refusal(member: tarfile.TarInfo) -> str | None:
     """Why a member of this type is refused, or None if its type is allowed."""
     if member.ischr() or member.isblk():
@@ -78,120 +79,9 @@ def refusal(member: tarfile.TarInfo) -> str | None:
         return "fifo refused"
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
         return f"member type {member.type!r} refused"
+    if member.size < 0:  # tarfile reads a negative base-256 size as it is
+        return f"a negative size ({member.size})"
     return None
-
-
-class _Tree:
-    """Creates entries under one root with *at() calls on directory fds opened O_NOFOLLOW, so
-    no write ever goes through a symlink, whatever the archive put where."""
-
-    def __init__(self, root: Path) -> None:
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        self._cached: tuple[tuple[str, ...], int] | None = None
-
-    def close(self) -> None:
-        if self._cached is not None:
-            os.close(self._cached[1])
-            self._cached = None
-        os.close(self.root_fd)
-
-    def open_dir(self, parts: tuple[str, ...], *, create: bool) -> int:
-        """A new fd for directory `parts`, creating missing ones (0755) when create."""
-        fd = os.dup(self.root_fd)
-        try:
-            for comp in parts:
-                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                try:
-                    nfd = os.open(comp, flags, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    os.mkdir(comp, 0o755, dir_fd=fd)
-                    nfd = os.open(comp, flags, dir_fd=fd)
-                    os.fchmod(nfd, 0o755)
-                except OSError as e:
-                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):  # a symlink, a file
-                        raise
-                    raise UsageError(
-                        f"{'/'.join(parts)}: path goes through a symlink or a file ({e.strerror})",
-                        hint=REBUILD_HINT,
-                    ) from None
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def parent(self, parts: tuple[str, ...]) -> int:
-        """The fd of parts' parent directory (created if missing); owned by the tree."""
-        parent = parts[:-1]
-        if self._cached is None or self._cached[0] != parent:
-            fd = self.open_dir(parent, create=True)
-            if self._cached is not None:
-                os.close(self._cached[1])
-            self._cached = (parent, fd)
-        return self._cached[1]
-
-    def mkdir(self, parts: tuple[str, ...]) -> None:
-        os.close(self.open_dir(parts, create=True))
-
-    def write(self, parts: tuple[str, ...], data: IO[bytes], mode: int, mtime: float) -> int:
-        """Create a new file (never overwriting anything) from data; returns bytes written."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(parts[-1], flags, 0o600, dir_fd=self.parent(parts))
-        except FileExistsError:
-            raise UsageError(f"{'/'.join(parts)}: duplicate member", hint=REBUILD_HINT) from None
-        written = 0
-        try:
-            while chunk := data.read(CHUNK):
-                written += os.write(fd, chunk)
-            os.fchmod(fd, release_mode(mode))
-            os.utime(fd, (mtime, mtime) if 0 <= mtime < 2**33 else None)
-        finally:
-            os.close(fd)
-        return written
-
-    def symlink(self, parts: tuple[str, ...], target: str) -> None:
-        try:
-            os.symlink(target, parts[-1], dir_fd=self.parent(parts))
-        except FileExistsError:
-            raise UsageError(f"{'/'.join(parts)}: duplicate member", hint=REBUILD_HINT) from None
-
-    def hardlink(self, parts: tuple[str, ...], target: tuple[str, ...]) -> None:
-        name = "/".join(parts)
-        try:
-            tfd = self.open_dir(target[:-1], create=False)
-        except FileNotFoundError:
-            tfd = -1
-        try:
-            st = os.stat(target[-1], dir_fd=tfd, follow_symlinks=False) if tfd >= 0 else None
-        except FileNotFoundError:
-            st = None
-        try:
-            if st is None or not stat.S_ISREG(st.st_mode):
-                raise UsageError(
-                    f"{name}: hardlink target {'/'.join(target)} is not an earlier file",
-                    hint=REBUILD_HINT,
-                )
-            dst_fd = self.parent(parts)
-            try:
-                os.link(target[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=dst_fd)
-            except FileExistsError:
-                raise UsageError(f"{name}: duplicate member", hint=REBUILD_HINT) from None
-        finally:
-            if tfd >= 0:
-                os.close(tfd)
-
-    def read_manifest(self, source: str) -> Manifest:
-        fd = os.open(MANIFEST_NAME, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.root_fd)
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-        try:
-            return parse_manifest(raw.decode(), source)
-        except UnicodeDecodeError:
-            raise UsageError(f"{source}: not UTF-8 text", hint=REBUILD_HINT) from None
 
 
 def check_member(member: tarfile.TarInfo) -> tuple[str, ...]:
@@ -238,11 +128,12 @@ class _Limits:
 
 
 def _extract(
-    tar: tarfile.TarFile, tree: _Tree, root: Path, limits: _Limits, releases_dir: Path
+    art: archive.Artifact, tree: Tree, root: Path, limits: _Limits, releases_dir: Path
 ) -> Manifest:
     manifest: Manifest | None = None
     links: list[str] = []
     guard = getattr(tarfile, "data_filter", None)  # Python >= 3.11.4: a second opinion
+    tar = art.tar
     while (member := tar.next()) is not None:
         tar.members.clear()  # type: ignore[attr-defined]  # kept otherwise: memory for nothing
         limits.member()
@@ -266,16 +157,25 @@ def _extract(
             limits.add(member.size, name)  # declared size: refused before a byte is written
             if name == MANIFEST_NAME and member.size > MAX_MANIFEST_BYTES:
                 raise UsageError(f"{name}: larger than {MAX_MANIFEST_BYTES} bytes refused")
-            data = tar.extractfile(member)
-            assert data is not None  # a regular member always has data
-            limits.add(tree.write(parts, data, member.mode, member.mtime) - member.size, name)
+            written = tree.write(parts, art.data(member), member.mode, member.mtime)
+            limits.add(written - member.size, name)
             if name == MANIFEST_NAME:  # first in a packed artifact: refuse a bad one early
-                manifest = tree.read_manifest(f"{limits.artifact}: {MANIFEST_NAME}")
+                manifest = _read_manifest(tree.root_fd, f"{limits.artifact}: {MANIFEST_NAME}")
                 _refuse_installed(releases_dir, manifest)
     if manifest is None:
         raise UsageError(f"{limits.artifact}: no {MANIFEST_NAME} at its top", hint=REBUILD_HINT)
     _check_links_resolve(root, links)
     return manifest
+
+
+def _read_manifest(root_fd: int, source: str) -> Manifest:
+    fd = os.open(MANIFEST_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    try:
+        return parse_manifest(raw.decode(), source)
+    except UnicodeDecodeError:
+        raise UsageError(f"{source}: not UTF-8 text", hint=REBUILD_HINT) from None
 
 
 def _refuse_installed(releases_dir: Path, manifest: Manifest) -> None:
@@ -312,24 +212,28 @@ def unpack(
     tmp = Path(tempfile.mkdtemp(dir=releases_dir, prefix=".unpack-"))
     try:
         os.chmod(tmp, 0o755)
-        tree = _Tree(tmp)
+        root_fd = os.open(tmp, DIR_FLAGS)
         try:
-            with archive.open_artifact(artifact) as art:
-                limits = _Limits(artifact, max_bytes, max_files)
-                manifest = _extract(art.tar, tree, tmp, limits, releases_dir)
-                digest = art.finish()
+            tree = Tree(root_fd)
+            try:
+                with archive.open_artifact(artifact) as art:
+                    limits = _Limits(artifact, max_bytes, max_files)
+                    manifest = _extract(art, tree, tmp, limits, releases_dir)
+                    digest = art.finish()
+            finally:
+                tree.close()
+            if sha256 is not None and digest != sha256:
+                raise UsageError(
+                    f"{artifact.name} changed while it was installed: sha256 {digest[:16]}…, "
+                    f"verified as {sha256[:16]}…",
+                    hint="copy the artifact again (nothing else may write it), then upgrade",
+                )
+            _record(tmp, artifact, digest)
+            _refuse_installed(releases_dir, manifest)
+            dest = releases_dir / manifest.release_dirname
+            syncfs(root_fd)  # the release's files reach the disk before its name appears
         finally:
-            tree.close()
-        if sha256 is not None and digest != sha256:
-            raise UsageError(
-                f"{artifact.name} changed while it was installed: sha256 {digest[:16]}…, "
-                f"verified as {sha256[:16]}…",
-                hint="copy the artifact again (nothing else may write it), then upgrade",
-            )
-        _record(tmp, artifact, digest)
-        _refuse_installed(releases_dir, manifest)
-        dest = releases_dir / manifest.release_dirname
-        os.sync()  # the release's files reach the disk before its name appears
+            os.close(root_fd)
         os.rename(tmp, dest)
         fsync_dir(releases_dir)
     except BaseException as e:
@@ -338,6 +242,21 @@ def unpack(
             raise AipbxError(f"cannot unpack {artifact}: {e}") from e
         raise
     return dest
+
+
+def syncfs(fd: int) -> None:
+    """Write out the file system that holds fd (syncfs(2)): what the unpack wrote, and no
+    other file system's dirty pages as sync(2) would write. os.sync when the C library has
+    no syncfs."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
+    if call(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def _record(tree: Path, artifact: Path, digest: str) -> None:

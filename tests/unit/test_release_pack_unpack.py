@@ -15,11 +15,12 @@ from typing import IO, cast
 import pytest
 
 from appliance.errors import UsageError
-from appliance.release import unpack as unpack_mod
+from appliance.release import tree as tree_mod
 from appliance.release.checksum import checksum_line, parse_checksum, sha256_file, verify
 from appliance.release.manifest import MANIFEST_NAME, Kind, load_manifest
 from appliance.release.pack import pack
-from appliance.release.unpack import release_mode, unpack
+from appliance.release.tree import release_mode
+from appliance.release.unpack import unpack
 
 REPO = Path(__file__).resolve().parents[2]
 MB = 1024 * 1024
@@ -340,7 +341,7 @@ def test_unpack_cleans_up_on_keyboard_interrupt(
     def interrupted(*args: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(unpack_mod._Tree, "write", interrupted)
+    monkeypatch.setattr(tree_mod.Tree, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         unpack(artifact, tmp_path / "releases", max_bytes=MB)
     assert os.listdir(tmp_path / "releases") == []
