@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +81,22 @@ def _identity(fd: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def accepting(fd: int) -> bool:
+    """Whether the socket at `fd` is in the listen state (SO_ACCEPTCONN): a listener that
+    was shut down keeps its descriptor and inode but accepts nothing. No descriptor is
+    made (the socket object only borrows `fd`)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
 class Server:
     def __init__(self, server: asyncio.Server) -> None:
         self._server = server
@@ -90,10 +107,15 @@ class Server:
         """Whether each socket it listened on is still open at its descriptor. uvloop
         closes a server's listening socket for good when accept() fails with EMFILE (no
         descriptor left) and still says is_serving(): the daemon asks this every few
-        seconds and serves again. One fstat per socket (a closed descriptor, or one
+        seconds and serves again. One fstat and one SO_ACCEPTCONN per socket (a closed
+        descriptor, a listener no longer listening, or one
         reused for another file, is not the same inode): reading /proc/net/tcp instead
         walks the kernel's whole TCP hash table, ~2 ms of system CPU a call."""
-        return all(ident is not None and _identity(fd) == ident for fd, ident in self._listeners)
+        # No socket at all (uvloop had closed it before this object looked): not serving.
+        return bool(self._listeners) and all(
+            ident is not None and _identity(fd) == ident and accepting(fd)
+            for fd, ident in self._listeners
+        )
 
     async def cleanup(self) -> None:
         self._server.close()

@@ -80,6 +80,8 @@ def test_the_api_listener_is_known_gone_when_its_socket_is_closed() -> None:
             self.sockets = sockets
 
     s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
     with s, open(__file__, "rb") as other:
         server = Server(Fake([s]))  # type: ignore[arg-type]
         assert server.listening()

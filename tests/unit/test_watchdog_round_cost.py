@@ -220,3 +220,31 @@ def test_memory_in_use_from_proc_meminfo() -> None:
     with pytest.raises(ValueError, match="MemTotal"):
         meminfo.used_pct(b"MemFree: 1 kB\n")
     assert 0.0 < meminfo.read_used_pct() < 100.0  # this host's
+
+
+def test_a_listener_that_stops_listening_is_seen() -> None:
+    """A listening socket shut down in place keeps its descriptor and inode: only
+    SO_ACCEPTCONN tells it accepts nothing any more (the API must be served again)."""
+    import socket
+
+    from appliance.watchdog import api
+
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        assert not api.accepting(lst.fileno())
+        lst.listen()
+        assert api.accepting(lst.fileno())
+        lst.shutdown(socket.SHUT_RDWR)
+        assert not api.accepting(lst.fileno())
+        assert lst.fileno() >= 0  # still open: borrowed, never closed by the check
+    assert not api.accepting(10_000)  # no such descriptor
+
+
+def test_a_server_with_no_socket_left_is_not_serving() -> None:
+    """uvloop may close the listener before the daemon looks at the new server: its
+    `sockets` is then empty, which must not read as "every socket still listens"."""
+    from types import SimpleNamespace
+
+    from appliance.watchdog import api
+
+    assert not api.Server(SimpleNamespace(sockets=[])).listening()  # type: ignore[arg-type]
