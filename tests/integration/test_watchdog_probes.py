@@ -52,13 +52,18 @@ def servers() -> Iterator[Servers]:
     as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "--auth-local=peer", *SCRAM_NOSYNC])
     pg_log = work / "pg.log"
     with pg_log.open("wb") as out:
+        # As postgres itself (not under runuser): the PID this test stops is the server's.
         pg = subprocess.Popen(
             [
-                *("runuser", "-u", "postgres", "--", str(PG_BIN / "postgres"), "-D", str(data)),
+                *(str(PG_BIN / "postgres"), "-D", str(data)),
                 *("-p", str(db.postgres_port), "-k", str(work), "-c", "listen_addresses=127.0.0.1"),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
+            user=pg_user.pw_uid,
+            group=pg_user.pw_gid,
+            extra_groups=[],
+            cwd=work,
         )
     bouncer: subprocess.Popen[bytes] | None = None
     try:
@@ -82,9 +87,13 @@ def servers() -> Iterator[Servers]:
         bouncer_log = work / "pgbouncer.log"
         with bouncer_log.open("wb") as out:
             bouncer = subprocess.Popen(
-                ["runuser", "-u", "postgres", "--", "pgbouncer", str(ini)],
+                ["pgbouncer", str(ini)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                user=pg_user.pw_uid,
+                group=pg_user.pw_gid,
+                extra_groups=[],
+                cwd=work,
             )
         wait_for(lambda: port_open(db.pgbouncer_port), what="pgbouncer")
         yield Servers(db, pg, bouncer, pg_log, bouncer_log)
