@@ -16,6 +16,15 @@ from pathlib import Path
 from appliance.errors import AipbxError, LockedError
 
 
+def write_all(fd: int, data: bytes) -> int:
+    """Write all of `data` to a blocking `fd`: a short write (a full disk, a pipe) is
+    continued, and raises once nothing more can be written. Returns len(data)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -19,6 +19,7 @@ from appliance import config as config_mod
 from appliance.colors import Color, color_net, parse_color
 from appliance.config import Config
 from appliance.errors import AipbxError
+from appliance.fsutil import write_all
 from appliance.paths import Paths
 from appliance.release.manifest import MANIFEST_NAME, Manifest, load_manifest
 
@@ -97,12 +98,6 @@ def strip_csi(data: bytes) -> bytes:
     return CSI.sub(b"", data)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _on_parent_death(sig: int) -> None:
     """Ask the kernel for `sig` when the process that forked this one (the app, once it
     has exec'd) dies."""
@@ -127,12 +122,12 @@ def filter_stream(r: int, out: int, parent: int) -> None:
         pending += chunk
         lines, newline, pending = pending.rpartition(b"\n")
         if newline:
-            _write_all(out, strip_csi(lines + newline))
+            write_all(out, strip_csi(lines + newline))
         if len(pending) > _CHUNK:  # a line that never ends: pass it on in pieces
-            _write_all(out, strip_csi(pending))
+            write_all(out, strip_csi(pending))
             pending = b""
     if pending:
-        _write_all(out, strip_csi(pending))
+        write_all(out, strip_csi(pending))
 
 
 def _through_filter() -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.errors import AipbxError, UsageError
-from appliance.fsutil import atomic_symlink, atomic_write
+from appliance.fsutil import atomic_symlink, atomic_write, write_all
 from appliance.paths import Paths
 from appliance.release.manifest import Kind, Manifest
 from appliance.safefs import open_dir_at, sha256_fd
@@ -546,9 +546,7 @@ class _Shipper:
                 os.fchown(fd, self.uid, self.gid)
                 with src.open("rb") as f:
                     while chunk := f.read(CHUNK):
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
+                        write_all(fd, chunk)
                 os.fchmod(fd, shipped_mode(st.st_mode))
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
                 os.fsync(fd)

@@ -30,6 +30,7 @@ import stat
 from collections.abc import Iterable
 
 from appliance.errors import UsageError
+from appliance.fsutil import write_all
 from appliance.safefs import DIR_FLAGS
 
 REBUILD_HINT = "the artifact is not a safe release; build it with `aipbxctl release pack`"
@@ -178,7 +179,7 @@ class Tree:
         written = 0
         try:
             for chunk in data:
-                written += _write_all(fd, chunk)
+                written += write_all(fd, chunk)
             if not self.exact:
                 os.fchmod(fd, perm)
             os.utime(fd, (mtime, mtime) if 0 <= mtime < 2**33 else None)
@@ -219,12 +220,3 @@ class Tree:
         finally:
             if owned:
                 os.close(tfd)
-
-
-def _write_all(fd: int, chunk: bytes) -> int:
-    """Write all of chunk (a short write, e.g. as the disk fills, is continued, and
-    raises when nothing more can be written)."""
-    view = memoryview(chunk)
-    while view:
-        view = view[os.write(fd, view) :]
-    return len(chunk)
